@@ -1,0 +1,1 @@
+"""KeyFace core: keyed, invertible face anonymization math. Imports no ComfyUI module."""

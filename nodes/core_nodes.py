@@ -1,0 +1,371 @@
+"""The four KeyFace latent nodes and the key loader: thin adapters over keyface_core."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+import comfy.samplers
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..keyface_core import sampling as core
+from ..keyface_core.errors import InputMismatchError, KeyFaceError, KeyMaterialError, WrongKeyError
+from ..keyface_core.flip import apply_flip, flip_context, sign_pattern
+from ..keyface_core.keys import KEY_FILE_SUFFIX, check_matches, key_check_value, key_from_env, load_key_file, new_nonce
+from ..keyface_core.masks import latent_mask
+from . import model_adapter as adapter
+from .latent_info import INFO_KEY, KeyFaceInfo, Settings, background_for, check_batch, info_of, make_latent
+
+KeyFaceKey = io.Custom("KEYFACE_KEY")
+CATEGORY = "KeyFace"
+KEYS_FOLDER = "keyface_keys"
+NO_KEYS = "(no key files: run python -m keyface_core.keygen NAME)"
+
+MODE_TOOLTIP = ("exact: two-state BDIA leapfrog in float64, one model call per step, restores to float rounding "
+                "(the noise carries a second state; Regenerate and Restore use it). "
+                "exact_single: single-state implicit inversion (Anderson-accelerated), noise any Euler/DDIM sampler "
+                "regenerates, several model calls per step. plain: classic DDIM inversion, one call per step, approximate.")
+
+
+def keys_dir() -> Path:
+    """ComfyUI/models/keyface_keys (extra_model_paths can relocate it), or $KEYFACE_KEYS_DIR."""
+    if os.environ.get("KEYFACE_KEYS_DIR"):
+        return Path(os.environ["KEYFACE_KEYS_DIR"])
+    if KEYS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(KEYS_FOLDER, os.path.join(folder_paths.models_dir, KEYS_FOLDER))
+    return Path(folder_paths.get_folder_paths(KEYS_FOLDER)[0])
+
+
+def key_file_names() -> list[str]:
+    folder = keys_dir()
+    names = sorted(p.name for p in folder.glob("*") if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
+    return names or [NO_KEYS]
+
+
+def _conditioning_id(positive, negative) -> str:
+    """Fingerprint of the conditioning, so Regenerate/Restore can refuse a different prompt."""
+    digest = hashlib.sha256()
+    for cond in (positive, negative):
+        for entry in cond or []:
+            digest.update(entry[0].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            for name in sorted(entry[1]):
+                value = entry[1][name]
+                if isinstance(value, torch.Tensor):
+                    digest.update(name.encode() + value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def _conds(model, positive, negative, cfg):
+    if positive is None:
+        positive = adapter.default_conditioning(model)
+        if positive is None:
+            raise InputMismatchError("this model needs a conditioning: connect a positive CONDITIONING "
+                                     "(e.g. CLIPTextEncode with an empty or neutral prompt).")
+    if negative is None:
+        if cfg != 1.0:
+            raise InputMismatchError(f"cfg is {cfg} but no negative conditioning is connected; connect one or set cfg to 1.0.")
+        negative = positive
+    return positive, negative
+
+
+def _mask_for(mask, samples: torch.Tensor):
+    if mask is None:
+        return None
+    lm = latent_mask(mask, tuple(samples.shape[-2:]))
+    return check_batch("mask", lm, samples.shape[0])
+
+
+def _run(model, positive, negative, cfg, samples, sigmas, ticks, body):
+    """Run a core algorithm under ComfyUI's sampling machinery, one progress tick per step."""
+    pbar = comfy.utils.ProgressBar(ticks)
+    return adapter.run_core(model, positive, negative, cfg, tuple(samples.shape), sigmas,
+                            lambda denoise: body(denoise, lambda info: pbar.update(1)))
+
+
+def _check_model(model, settings: Settings, what: str):
+    model_id = adapter.model_identity(model)
+    if model_id != settings.model_id:
+        raise InputMismatchError(f"the {what} was made with a different model (or LoRA/patches) than the one connected; "
+                                 "use exactly the same checkpoint and patches as the anonymizing run.")
+
+
+def invert_latent(model, latent: dict, steps: int, scheduler: str, mode: str, cfg: float, positive=None, negative=None,
+                  mask=None, nonces=None, face_indices=None, lmask=None) -> tuple[dict, core.Stats]:
+    """The Invert to Noise operation, shared with the face pipeline."""
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise InputMismatchError(f"KeyFace works on image latents [batch, channels, height, width]; got shape {tuple(samples.shape)}.")
+    positive, negative = _conds(model, positive, negative, cfg)
+    batch = samples.shape[0]
+    sigmas = adapter.sigmas_for(model, scheduler, steps)
+    settings = Settings(steps, scheduler, mode, float(cfg), adapter.model_identity(model), sigmas)
+    dtype = core.state_dtype(mode)
+    info = info_of(latent)
+    if info is not None and info.kind == "latent" and info.settings.method == mode:
+        clean = core.LatentState(info.state.to(dtype), info.second)
+    else:
+        clean = core.LatentState(adapter.to_model_space(model, samples, dtype))
+    if mask is None and "noise_mask" in latent:
+        mask = latent["noise_mask"].reshape(-1, *latent["noise_mask"].shape[-2:])
+    if lmask is None:
+        lmask = _mask_for(mask, samples)
+    nonces = tuple(nonces) if nonces is not None else tuple(new_nonce() for _ in range(batch))
+    background = background_for(lmask, clean.x, nonces, adapter.add_noise_for(model), dtype)
+    stats = core.Stats()
+
+    def body(denoise, progress):
+        return core.invert(denoise, clean, sigmas, mode, background=background, progress=progress, stats=stats)
+    noise = _run(model, positive, negative, cfg, samples, sigmas, steps, body)
+    out_samples = adapter.to_latent_space(model, noise.x)
+    out = KeyFaceInfo("noise", settings, noise.x, noise.residual,
+                      out_samples, nonces, tuple(face_indices if face_indices is not None else range(batch)),
+                      mask=lmask, background=None if lmask is None else clean.x, latent_format=model.model.latent_format,
+                      extra={"cond_id": _conditioning_id(positive, negative)})
+    return make_latent(latent, out_samples, out), stats
+
+
+def flip_latent(latent: dict, key, mask=None) -> dict:
+    """The Apply Key Flip operation: an exact involution on the noise and its second state."""
+    info = info_of(latent)
+    if info is None or info.kind != "noise":
+        raise InputMismatchError("Apply Key Flip needs the noise LATENT from Invert to Noise (it carries the per-image "
+                                 "nonce the key is bound to); connect that output, unchanged.")
+    if key is None or not hasattr(key, "image_key"):
+        raise KeyMaterialError("connect a KEYFACE_KEY from the Load Key node.")
+    shape = tuple(info.state.shape[1:])
+    flip_mask = _mask_for(mask, info.samples) if mask is not None else info.mask
+    kdf = info.kdf if info.kdf is not None else key.kdf
+    states, seconds, checks = [], [], []
+    for item, (nonce, face) in enumerate(zip(info.nonces, info.face_indices)):
+        image_key = key.image_key(nonce, kdf)
+        signs = sign_pattern(image_key, shape, flip_context(shape, face))
+        m = None if flip_mask is None else flip_mask[item]
+        states.append(apply_flip(info.state[item], signs, m))
+        seconds.append(None if info.second is None else apply_flip(info.second[item], signs, m))
+        checks.append(key_check_value(image_key))
+    state = torch.stack(states)
+    second = None if info.second is None else torch.stack(seconds)
+    if info.settings.method == "exact" or info.latent_format is None:
+        samples = state.to(torch.float32) if info.latent_format is None else info.latent_format.process_out(state).to(torch.float32)
+    elif float(getattr(info.latent_format, "shift_factor", 0.0) or 0.0) == 0.0:
+        # Purely scaled formats: flipping the samples themselves keeps the involution bit-exact.
+        samples = torch.stack([apply_flip(info.samples[i], sign_pattern(key.image_key(n, kdf), shape, flip_context(shape, f)),
+                                          None if flip_mask is None else flip_mask[i])
+                               for i, (n, f) in enumerate(zip(info.nonces, info.face_indices))])
+        state = info.latent_format.process_in(samples)
+    else:
+        samples = info.latent_format.process_out(state).to(torch.float32)
+    new = info.with_(state=state, second=second, key_checks=tuple(checks), kdf=kdf, flipped=not info.flipped,
+                     mask=info.mask if info.mask is not None else flip_mask)
+    return make_latent(latent, samples, new)
+
+
+def regenerate_latent(model, latent: dict, positive=None, negative=None) -> tuple[dict, core.Stats]:
+    """The Regenerate operation: noise LATENT -> clean LATENT, exactly matching its inversion."""
+    info = info_of(latent)
+    if info is None or info.kind != "noise":
+        raise InputMismatchError("Regenerate needs a noise LATENT from Invert to Noise or Apply Key Flip, unchanged. "
+                                 "For other noise, use KSamplerAdvanced with add_noise disabled.")
+    settings = info.settings
+    _check_model(model, settings, "noise")
+    positive, negative = _conds(model, positive, negative, settings.cfg)
+    if _conditioning_id(positive, negative) != info.extra.get("cond_id"):
+        raise InputMismatchError("the conditioning differs from the one used by Invert to Noise; connect the same "
+                                 "positive/negative conditioning (same prompt, same CLIP).")
+    dtype = core.state_dtype(settings.method)
+    if settings.method == "exact":
+        noise = core.NoiseState(info.state.to(dtype), info.second)
+    else:
+        # Single-state: start from the samples exactly as KSamplerAdvanced would.
+        noise = core.NoiseState(adapter.to_model_space(model, latent["samples"], dtype))
+    background = background_for(info.mask, info.background, info.nonces, adapter.add_noise_for(model), dtype) \
+        if info.mask is not None else None
+    stats = core.Stats()
+
+    def body(denoise, progress):
+        return core.regenerate(denoise, noise, settings.sigmas, settings.method, background=background, progress=progress, stats=stats)
+    clean = _run(model, positive, negative, settings.cfg, latent["samples"], settings.sigmas, settings.steps, body)
+    samples = adapter.to_latent_space(model, clean.x)
+    out = info.with_(kind="latent", state=clean.x, second=clean.partner, samples=samples)
+    return make_latent(latent, samples, out), stats
+
+
+def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=None, allow_wrong_key=False) -> tuple[dict, dict]:
+    """Invert the anonymized latent, undo the key flip, regenerate: the original latent (exact method: bit-close)."""
+    info = info_of(latent)
+    if info is None or info.kind != "latent":
+        raise InputMismatchError("Restore needs the anonymized LATENT with its KeyFace info: the output of Regenerate, "
+                                 "or of Load Anonymized for a saved image.")
+    if info.key_checks is not None and key is not None and not allow_wrong_key:
+        kdf = info.kdf if info.kdf is not None else key.kdf
+        for nonce, stored in zip(info.nonces, info.key_checks):
+            if not check_matches(key.image_key(nonce, kdf), stored):
+                raise WrongKeyError(f"this key ({key.source}) does not match the key that anonymized this image; "
+                                    "pick the right key, or enable allow_wrong_key to see what a wrong key gives.")
+    settings = info.settings
+    _check_model(model, settings, "anonymized latent")
+    noise_latent, inv_stats = invert_latent(
+        model, latent, settings.steps, settings.scheduler, settings.method, settings.cfg, positive, negative,
+        nonces=info.nonces, face_indices=info.face_indices, lmask=info.mask)
+    # The stored KDF parameters (passphrase keys) must be reused, not the key's defaults.
+    noise_latent = make_latent(noise_latent, noise_latent["samples"], noise_latent[INFO_KEY].with_(kdf=info.kdf))
+    unflipped = flip_latent(noise_latent, key, mask)
+    restored, regen_stats = regenerate_latent(model, unflipped, positive, negative)
+    stats = {"invert_calls": inv_stats.model_calls, "regenerate_calls": regen_stats.model_calls}
+    return restored, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Node classes (V3 schema)
+# ----------------------------------------------------------------------------------------------
+
+def _common_inputs():
+    return [
+        io.Conditioning.Input("positive", optional=True, tooltip="Conditioning the model sees while inverting. "
+                              "Regenerate/Restore must get the same. Leave empty for an empty prompt (UNet models)."),
+        io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning; only used when cfg is not 1."),
+    ]
+
+
+class LoadKey(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceLoadKey", display_name="Load Key", category=CATEGORY,
+            description="Loads a secret key on the server, from a key file in models/keyface_keys or an environment "
+                        "variable. Only the file or variable *name* is stored in workflows; never the key.",
+            inputs=[
+                io.Combo.Input("source", options=["key file", "environment variable"], default="key file",
+                               tooltip="Where the secret lives, on the machine running ComfyUI."),
+                io.Combo.Input("key_file", options=key_file_names(),
+                               tooltip="A file in models/keyface_keys (create one: python -m keyface_core.keygen NAME)."),
+                io.String.Input("variable", default="KEYFACE_KEY",
+                                tooltip="Name (not value) of an environment variable of the ComfyUI server."),
+                io.Combo.Input("kind", options=["key", "passphrase"], default="key",
+                               tooltip="key: 64 hex digits (256-bit, recommended). passphrase: any text of 12+ characters, "
+                                       "stretched with scrypt and a per-image salt."),
+            ],
+            outputs=[KeyFaceKey.Output(display_name="key")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, source, key_file, variable, kind):
+        # Re-run when the file changes; the fingerprint holds metadata, never the content.
+        if source == "key file":
+            path = keys_dir() / key_file
+            try:
+                st = path.stat()
+                return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+            except OSError:
+                return f"{path}:missing"
+        return f"env:{variable}:{hashlib.sha256(os.environ.get(variable, '').encode()).hexdigest()[:8]}"
+
+    @classmethod
+    def execute(cls, source, key_file, variable, kind) -> io.NodeOutput:
+        if source == "key file":
+            if key_file == NO_KEYS or Path(key_file).name != key_file:
+                raise KeyMaterialError(f"no key file selected; put one in {keys_dir()} "
+                                       "(python -m keyface_core.keygen NAME) and refresh the node.")
+            return io.NodeOutput(load_key_file(keys_dir() / key_file, kind))
+        return io.NodeOutput(key_from_env(variable, kind))
+
+
+class InvertToNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceInvertToNoise", display_name="Invert to Noise", category=CATEGORY,
+            description="Runs the diffusion ODE backwards: image latent -> the noise the model would turn into it. "
+                        "The output is an ordinary LATENT; it also carries what Regenerate needs to match it exactly.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Latent.Input("latent", tooltip="Image latent (VAE Encode). A noise_mask on it restricts the change to the mask."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Same steps in Regenerate/Restore (they read it from the latent)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal"),
+                io.Combo.Input("mode", options=list(core.METHODS), default="exact", tooltip=MODE_TOOLTIP),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance while inverting; 1.0 is most exact. Regenerate reuses it."),
+                *_common_inputs(),
+                io.Mask.Input("mask", optional=True, tooltip="Face mask: only this region is inverted and later regenerated; "
+                                                            "outside it the latent is held to a public background trajectory."),
+            ],
+            outputs=[io.Latent.Output(display_name="noise")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, steps, scheduler, mode, cfg, positive=None, negative=None, mask=None) -> io.NodeOutput:
+        out, _ = invert_latent(model, latent, steps, scheduler, mode, cfg, positive, negative, mask)
+        return io.NodeOutput(out)
+
+
+class ApplyKeyFlip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceApplyKeyFlip", display_name="Apply Key Flip", category=CATEGORY,
+            description="Flips the sign of each noise element inside the mask, by a pattern only the key (and this "
+                        "image's nonce) determines. Applying it twice is exactly the identity: the same node undoes it.",
+            inputs=[
+                io.Latent.Input("noise", tooltip="Noise from Invert to Noise."),
+                KeyFaceKey.Input("key"),
+                io.Mask.Input("mask", optional=True, tooltip="Where to flip; default: the mask given to Invert to Noise, "
+                                                            "or everywhere. Values >= 0.5 count as inside."),
+            ],
+            outputs=[io.Latent.Output(display_name="noise")],
+        )
+
+    @classmethod
+    def execute(cls, noise, key, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(flip_latent(noise, key, mask))
+
+
+class Regenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceRegenerate", display_name="Regenerate", category=CATEGORY,
+            description="Runs the deterministic sampler from the noise back to an image latent, with the settings "
+                        "Invert to Noise recorded (steps, scheduler, mode, cfg, mask).",
+            inputs=[io.Model.Input("model"), io.Latent.Input("noise"), *_common_inputs()],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, noise, positive=None, negative=None) -> io.NodeOutput:
+        out, _ = regenerate_latent(model, noise, positive, negative)
+        return io.NodeOutput(out)
+
+
+class Restore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceRestore", display_name="Restore", category=CATEGORY,
+            description="Undoes an anonymization with the key: invert -> flip -> regenerate, using the settings stored "
+                        "with the anonymized latent. With the right key and the same model it returns the original latent.",
+            inputs=[
+                io.Model.Input("model", tooltip="The same checkpoint (and patches) as the anonymizing run."),
+                io.Latent.Input("latent", tooltip="Anonymized latent: Regenerate's output or Load Anonymized's."),
+                KeyFaceKey.Input("key"),
+                *_common_inputs(),
+                io.Mask.Input("mask", optional=True, tooltip="Override the stored mask (normally leave empty)."),
+                io.Boolean.Input("allow_wrong_key", default=False, optional=True,
+                                 tooltip="Run even when the key's check value does not match: shows the different "
+                                         "person a wrong key produces."),
+            ],
+            outputs=[io.Latent.Output(display_name="restored")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, key, positive=None, negative=None, mask=None, allow_wrong_key=False) -> io.NodeOutput:
+        out, _ = restore_latent(model, latent, key, positive, negative, mask, allow_wrong_key)
+        return io.NodeOutput(out)
+
+
+NODES = [LoadKey, InvertToNoise, ApplyKeyFlip, Regenerate, Restore]
