@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import operator
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -24,6 +26,11 @@ KEY_FILE_SUFFIX = ".key"
 # scrypt cost: ~0.1 s and 32 MiB per derivation; recorded in the image so it can change later.
 DEFAULT_SCRYPT = {"name": "scrypt", "n": 2**15, "r": 8, "p": 1}
 MIN_PASSPHRASE_CHARS = 12
+# scrypt needs 128 * n * r bytes; parameters come from image metadata, so cap what an image can demand
+# (same cap as metadata.MAX_SCRYPT_MEMORY).
+MAX_SCRYPT_MEMORY = 2**30
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII)
+_LOOKS_LIKE_KEY = re.compile(r"[0-9A-Fa-f]{32,}", re.ASCII)
 
 log = logging.getLogger("keyface")
 
@@ -54,14 +61,18 @@ class SecretKey:
 
     def image_key(self, nonce: bytes, kdf: dict | None = None) -> bytes:
         """The 32-byte key of one image (or face), bound to its public nonce."""
-        if len(nonce) != NONCE_BYTES:
-            raise KeyMaterialError(f"a KeyFace nonce has {NONCE_BYTES} bytes, got {len(nonce)}")
+        if not isinstance(nonce, (bytes, bytearray, memoryview)) or len(nonce) != NONCE_BYTES:
+            size = len(nonce) if isinstance(nonce, (bytes, bytearray, memoryview)) else type(nonce).__name__
+            raise KeyMaterialError(f"a KeyFace nonce has {NONCE_BYTES} bytes, got {size}")
+        nonce = bytes(nonce)
         if self._kind == "key":
             return hmac.new(self._material, b"keyface/v1/image-key\x00" + nonce, hashlib.sha256).digest()
-        params = kdf or self._kdf or DEFAULT_SCRYPT
-        cache_key = (nonce, params["n"], params["r"], params["p"])
+        # Validate before using the parameters as a cache key: damaged metadata must give a
+        # KeyMaterialError, never a KeyError/TypeError.
+        n, r, p = _scrypt_params(kdf or self._kdf or DEFAULT_SCRYPT)
+        cache_key = (nonce, n, r, p)
         if cache_key not in self._cache:
-            self._cache[cache_key] = scrypt_image_key(self._material, nonce, params)
+            self._cache[cache_key] = scrypt_image_key(self._material, nonce, {"name": "scrypt", "n": n, "r": r, "p": p})
         return self._cache[cache_key]
 
     def __repr__(self) -> str:
@@ -80,14 +91,24 @@ class SecretKey:
         return self
 
 
+def _scrypt_params(params) -> tuple[int, int, int]:
+    """(n, r, p) from a KDF dict, or KeyMaterialError when damaged or out of range."""
+    try:
+        name = params.get("name", "scrypt")
+        n, r, p = (operator.index(params[k]) for k in ("n", "r", "p"))
+        if any(isinstance(params[k], bool) for k in ("n", "r", "p")):
+            raise TypeError("bool")
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        raise KeyMaterialError("the stored passphrase KDF parameters are damaged; the image metadata is not usable") from None
+    if (name != "scrypt" or n < 2**10 or n > 2**22 or n & (n - 1) or not (1 <= r <= 64) or not (1 <= p <= 16)
+            or 128 * n * r > MAX_SCRYPT_MEMORY):
+        raise KeyMaterialError("the stored passphrase KDF parameters are out of range; the image metadata is not usable")
+    return n, r, p
+
+
 def scrypt_image_key(passphrase: bytes, nonce: bytes, params: dict) -> bytes:
     """scrypt(passphrase, salt = domain || nonce) -> 32 bytes."""
-    try:
-        n, r, p = int(params["n"]), int(params["r"]), int(params["p"])
-    except (KeyError, TypeError, ValueError):
-        raise KeyMaterialError("the stored passphrase KDF parameters are damaged; the image metadata is not usable") from None
-    if params.get("name", "scrypt") != "scrypt" or n < 2**10 or n > 2**22 or n & (n - 1) or not (1 <= r <= 64) or not (1 <= p <= 16):
-        raise KeyMaterialError("the stored passphrase KDF parameters are out of range; the image metadata is not usable")
+    n, r, p = _scrypt_params(params)
     return hashlib.scrypt(passphrase, salt=b"keyface/v1/scrypt\x00" + nonce, n=n, r=r, p=p,
                           maxmem=256 * r * n + (1 << 20), dklen=KEY_BYTES)
 
@@ -99,7 +120,9 @@ def key_check_value(image_key: bytes) -> str:
 
 def check_matches(image_key: bytes, stored: str) -> bool:
     """Constant-time comparison of a key's check value with the stored one."""
-    return hmac.compare_digest(key_check_value(image_key), str(stored))
+    # Compare bytes: compare_digest raises TypeError on non-ASCII str, and a damaged stored value must
+    # read as "does not match", not crash.
+    return hmac.compare_digest(key_check_value(image_key).encode("ascii"), str(stored).encode("utf-8", "replace"))
 
 
 def new_nonce() -> bytes:
@@ -142,7 +165,8 @@ def load_key_file(path: str | os.PathLike, kind: str = "key") -> SecretKey:
     source = f"key file '{path.name}'"
     try:
         st = path.stat()
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors) is not part of the key or passphrase.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise KeyMaterialError(f"{source} was not found in {path.parent}. Create one with "
                                f"`python -m keyface_core.keygen {path.stem}` or pick an existing file.") from None
@@ -150,6 +174,9 @@ def load_key_file(path: str | os.PathLike, kind: str = "key") -> SecretKey:
         raise KeyMaterialError(f"{source} cannot be read by this process; check its permissions (chmod 600).") from None
     except UnicodeDecodeError:
         raise KeyMaterialError(f"{source} is not a text file; a KeyFace key file holds 64 hex digits.") from None
+    except OSError as err:
+        raise KeyMaterialError(f"{source} cannot be read ({err.strerror or type(err).__name__}); "
+                               "check the path and its permissions.") from None
     if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("KeyFace: %s can be read by other users (mode %o); run `chmod 600` on it.", source, st.st_mode & 0o777)
     if kind == "passphrase":
@@ -159,8 +186,14 @@ def load_key_file(path: str | os.PathLike, kind: str = "key") -> SecretKey:
 
 def key_from_env(variable: str, kind: str = "key") -> SecretKey:
     """Read a key (64 hex digits) or passphrase from an environment variable, by name."""
-    if not variable or not variable.replace("_", "").isalnum():
-        raise KeyMaterialError("the environment variable name must be letters, digits and underscores, e.g. KEYFACE_KEY")
+    if not isinstance(variable, str) or not _ENV_NAME.fullmatch(variable):
+        raise KeyMaterialError("the environment variable name must be ASCII letters, digits and underscores, not starting "
+                               "with a digit, e.g. KEYFACE_KEY")
+    if _LOOKS_LIKE_KEY.fullmatch(variable):
+        # Someone pasted a key where the *name* goes: never echo it (error texts travel into reports).
+        raise KeyMaterialError("the environment variable name looks like key material, not a name: never type a key "
+                               "into a workflow (it is saved in every image); put it in a key file or an environment "
+                               "variable and enter only that name, e.g. KEYFACE_KEY")
     value = os.environ.get(variable)
     source = f"environment variable {variable}"
     if value is None or not value.strip():

@@ -145,9 +145,7 @@ def encode_record(record: AnonymizationRecord) -> str:
     try:
         doc = _record_to_doc(record)
     except _Invalid as err:
-        raise MetadataError(
-            f"cannot store this KeyFace record: {err}"
-        ) from None
+        raise MetadataError(f"cannot store this KeyFace record: {err}") from None
     return json.dumps(doc, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 
@@ -268,6 +266,8 @@ def _encode_array(arr: Any, where: str, budget: list[int]) -> dict:
         raise _Invalid(f"{where} has dtype {arr.dtype}; KeyFace stores {', '.join(_DTYPES)}")
     if arr.ndim > MAX_NDIM:
         raise _Invalid(f"{where} has {arr.ndim} dimensions; KeyFace stores at most {MAX_NDIM}")
+    for dim in arr.shape:  # decoding accepts no larger sizes
+        _check_int(dim, f"{where}.shape", 0, _I32 - 1)
     raw = np.ascontiguousarray(arr, dtype=_DTYPES[arr.dtype.name]).tobytes()
     _spend(budget, len(raw), where)
     return {
@@ -289,7 +289,7 @@ def _parse_json(text: Any) -> Any:
     if not isinstance(text, str):
         raise _Invalid(f"expected JSON text, got {type(text).__name__}")
     if len(text) > MAX_TEXT_BYTES:
-        raise _Invalid(f"it is {len(text)} characters, more than the {MAX_TEXT_BYTES} KeyFace reads")
+        raise _Invalid(f"it is {len(text)} characters, over the {MAX_TEXT_BYTES} KeyFace reads")
     try:
         return json.loads(
             text,
@@ -489,11 +489,11 @@ def _check_fields(doc: Any, expected: frozenset, where: str) -> None:
     if not isinstance(doc, dict):
         raise _Invalid(f"{where} is not a JSON object")
     missing, extra = expected - doc.keys(), doc.keys() - expected
-    if missing or extra:
-        raise _Invalid(
-            f"{where} is missing fields {sorted(map(str, missing))} or has unexpected fields "
-            f"{sorted(map(str, extra))[:5]}"
-        )
+    if missing:
+        raise _Invalid(f"{where} is missing field(s) {', '.join(sorted(missing))}")
+    if extra:
+        names = ", ".join(_short(name) for name in sorted(map(str, extra))[:5])
+        raise _Invalid(f"{where} has unexpected field(s) {names}")
 
 
 def _check_unique_indices(faces: list) -> None:
@@ -541,7 +541,7 @@ def write_png_atomic(
     overwrite: bool = False,
     icc_profile: bytes | None = None,
 ) -> Path:
-    """Atomically write pixels + KeyFace chunk + given text (nothing else) as a PNG; KeyFaceError."""
+    """Atomically write a PNG holding only the pixels, the KeyFace chunk and the given text."""
     target = Path(path)
     pil = _image_from_array(image)
     info = PngImagePlugin.PngInfo()
@@ -557,6 +557,8 @@ def write_png_atomic(
         # would break ComfyUI's LoadImage; larger records go uncompressed so it can still read them.
         limit = getattr(PngImagePlugin, "MAX_TEXT_CHUNK", 2**20)
         info.add_itxt(PNG_KEYWORD, payload, zip=len(payload) < limit)
+    if text is not None and not isinstance(text, Mapping):
+        raise InputMismatchError(f"text must be a dict of str -> str, not {type(text).__name__}")
     for key, value in (text or {}).items():
         _check_text_entry(key, value)
         info.add_text(key, value)
@@ -573,8 +575,7 @@ def write_png_atomic(
             pil.save(handle, format="PNG", pnginfo=info, **options)
             handle.flush()
             os.fsync(handle.fileno())
-        # Temp files are created 0600; give the image the mode any other saved file gets.
-        os.chmod(tmp_name, _final_mode(target, overwrite))
+        _set_mode(tmp_name, _final_mode(target, overwrite))
         _publish(tmp_name, target, overwrite)
     except BaseException as err:
         if tmp_name is not None:
@@ -624,7 +625,8 @@ def _check_text_entry(key: Any, value: Any) -> None:
         raise InputMismatchError(f"the PNG text key {key!r} is reserved for the KeyFace record")
     if _names_a_secret(key):
         raise InputMismatchError(
-            f"PNG text key {key!r} looks like key material; the key must never be stored in the image"
+            f"PNG text key {key!r} looks like key material; the key must never be stored "
+            "in the image"
         )
 
 
@@ -656,6 +658,15 @@ def _publish(tmp_name: str, target: Path, overwrite: bool) -> None:
             raise
         return
     _remove_quietly(tmp_name)
+
+
+def _set_mode(name: str, mode: int) -> None:
+    # Temp files are created 0600; give the image the mode any other saved file gets. Cosmetic,
+    # so a filesystem that refuses chmod (some network shares) does not fail the save.
+    try:
+        os.chmod(name, mode)
+    except OSError:
+        pass
 
 
 def _final_mode(target: Path, overwrite: bool) -> int:
@@ -708,9 +719,11 @@ def read_png(path: str | os.PathLike) -> tuple[np.ndarray, AnonymizationRecord |
     except FileNotFoundError:
         raise KeyFaceError(f"image file not found: {source}; check the path") from None
     except IsADirectoryError:
-        raise KeyFaceError(f"{source} is a folder, not an image file; pass the PNG itself") from None
+        raise KeyFaceError(f"{source} is a folder, not an image; pass the PNG itself") from None
     except OSError as err:
-        raise KeyFaceError(f"cannot read {source}: {err.strerror or err}; check its permissions") from None
+        raise KeyFaceError(
+            f"cannot read {source}: {err.strerror or err}; check its permissions"
+        ) from None
 
     chunks = _png_chunks(data) if data.startswith(_PNG_SIGNATURE) else []
     keyface = [c for c in chunks if c[0] in _TEXT_CHUNK_TYPES and _is_keyface_chunk(data, c)]
@@ -730,8 +743,8 @@ def read_png(path: str | os.PathLike) -> tuple[np.ndarray, AnonymizationRecord |
             raise MetadataError(f"{source.name}: {err}") from None
 
     size = (pixels.shape[1], pixels.shape[0])
-    ihdr = chunks[0] if chunks and chunks[0][0] == b"IHDR" and chunks[0][2] - chunks[0][1] == 25 else None
-    if fmt == "PNG" and ihdr and data[ihdr[1] + 16] == 16:
+    ihdr = chunks[0] if chunks and chunks[0][0] == b"IHDR" else None
+    if fmt == "PNG" and ihdr and ihdr[2] - ihdr[1] == 25 and data[ihdr[1] + 16] == 16:
         if not mode.startswith("I"):
             notes.append("image has 16 bits per channel; it was reduced to 8 bits per channel")
     lossy = fmt in _LOSSY_FORMATS or (fmt == "WEBP" and _webp_is_lossy(data))
@@ -763,7 +776,7 @@ def _decode_pixels(source: Path, data: bytes) -> tuple[np.ndarray, str, str, lis
             orientation = _exif_orientation(img)
             if orientation not in (None, 1):
                 notes.append(
-                    f"image has EXIF orientation {orientation}; it was ignored, pixels are as stored"
+                    f"image has EXIF orientation {orientation}; ignored, pixels are as stored"
                 )
             img.load()
             pixels = _to_rgb8(img, notes)
@@ -818,7 +831,7 @@ def _to_rgb8(img: Image.Image, notes: list[str]) -> np.ndarray:
 
 
 def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]]:
-    """(type, start, end) of each whole chunk; stops at IEND or at truncation (Pillow reports it)."""
+    """(type, start, end) of each whole chunk; stops at IEND or truncation (Pillow reports it)."""
     chunks, pos = [], len(_PNG_SIGNATURE)
     while pos + 8 <= len(data):
         length, ctype = struct.unpack_from(">I4s", data, pos)
@@ -878,7 +891,9 @@ def _keyface_text(data: bytes, chunk: tuple[bytes, int, int]) -> str:
         problem = "its text is not valid UTF-8"
     except _Invalid as err:
         problem = str(err)
-    raise MetadataError(f"the KeyFace metadata in this image is damaged ({problem}); {_DAMAGED_ADVICE}")
+    raise MetadataError(
+        f"the KeyFace metadata in this image is damaged ({problem}); {_DAMAGED_ADVICE}"
+    )
 
 
 def _inflate_text(compressed: bytes) -> bytes:

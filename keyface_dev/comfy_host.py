@@ -76,7 +76,13 @@ def run_prompt(prompt: dict, *, prompt_id: str | None = None, extra_data: dict |
     if not valid[0]:
         raise RuntimeError(f"prompt did not validate: {valid[1]} {valid[3]}")
     server = _HeadlessServer()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    import inspect
+    from comfy.cli_args import args
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:   # 0.3.7x
+        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                            cache_args={"lru": args.cache_lru, "ram": args.cache_ram})
+    else:                                                                          # 0.3.6x: cache_size
+        executor = execution.PromptExecutor(server)
     executor.execute(prompt, prompt_id, extra_data or {}, valid[2])
     return executor, server
 

@@ -1,0 +1,163 @@
+"""Speed, as ratios measured side by side on the same seeded model and input.
+
+* Regenerate (KeyFace node function) vs ComfyUI's KSampler (euler, same steps, add-noise off).
+* Invert to Noise (plain) vs the stock unsampling route: BasicScheduler + FlipSigmas + KSamplerSelect
+  (euler) + SamplerCustom, all ComfyUI's own node classes.
+* exact / exact_single vs plain inversion.
+* Share of wall time outside UNet calls (a timing model_function_wrapper around every UNet call).
+* A batch of N faces vs N single runs (anonymize = invert + flip + regenerate, exact, masked).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Models, compare, comfy_host, new_key, pack, rel_err, timed_clone
+
+
+def _clean_latent(models: Models, shape, seed: int = 0) -> dict:
+    """A LATENT whose model-space values have unit variance (like a real VAE latent after scaling)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(getattr(models.model.model.latent_format, "scale_factor", 1.0))
+    return {"samples": torch.randn(shape, generator=gen, dtype=torch.float32) / scale}
+
+
+def _stock_unsample(model, cond, steps: int, latent: dict) -> dict:
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, FlipSigmas, KSamplerSelect, SamplerCustom
+    sigmas = BasicScheduler.execute(model, "normal", steps, 1.0).result[0]
+    flipped = FlipSigmas.execute(sigmas).result[0]
+    sampler = KSamplerSelect.execute("euler").result[0]
+    return SamplerCustom.execute(model, False, 0, 1.0, cond, cond, sampler, flipped, latent).result[0]
+
+
+def _ksampler(model, cond, steps: int, latent: dict) -> dict:
+    nodes = comfy_host.boot()
+    return nodes.common_ksampler(model, 0, steps, 1.0, "euler", "normal", cond, cond,
+                                 {"samples": latent["samples"]}, disable_noise=True)[0]
+
+
+def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, exact_single_reps: int = 1) -> dict:
+    """Time the node operations against ComfyUI's stock routes; every run also records model time."""
+    cn = pack("nodes.core_nodes")
+    cond = models.cond
+    timed, timer = timed_clone(models.model)
+    latent = _clean_latent(models, shape)
+    noise_plain, _ = cn.invert_latent(models.model, latent, steps, "normal", "plain", 1.0, cond, cond)
+    noise_exact, _ = cn.invert_latent(models.model, latent, steps, "normal", "exact", 1.0, cond, cond)
+    last = {}
+
+    def keep(name, fn):
+        def run():
+            last[name] = fn()
+        return run
+
+    runs = {
+        "ksampler": keep("ksampler", lambda: _ksampler(timed, cond, steps, noise_plain)),
+        "regenerate_plain": keep("regenerate_plain", lambda: cn.regenerate_latent(timed, noise_plain, cond, cond)[0]),
+        "regenerate_exact": keep("regenerate_exact", lambda: cn.regenerate_latent(timed, noise_exact, cond, cond)[0]),
+        "stock_unsample": keep("stock_unsample", lambda: _stock_unsample(timed, cond, steps, latent)),
+        "invert_plain": keep("invert_plain", lambda: cn.invert_latent(timed, latent, steps, "normal", "plain", 1.0, cond, cond)[0]),
+        "invert_exact": keep("invert_exact", lambda: cn.invert_latent(timed, latent, steps, "normal", "exact", 1.0, cond, cond)[0]),
+    }
+    timings = compare(runs, reps, timer, progress)
+    if exact_single_reps:
+        runs_single = {"invert_exact_single": keep("invert_exact_single", lambda: cn.invert_latent(
+            timed, latent, steps, "normal", "exact_single", 1.0, cond, cond)[0])}
+        timings.update(compare(runs_single, exact_single_reps, timer, progress, warmup=False))
+
+    # Round-trip accuracy of the routes just timed (each output regenerated once with its partner route).
+    model = models.model
+    round_trip = {
+        "plain (Invert to Noise plain -> Regenerate)": rel_err(cn.regenerate_latent(model, last["invert_plain"], cond, cond)[0]["samples"], latent["samples"]),
+        "exact (Invert to Noise exact -> Regenerate)": rel_err(cn.regenerate_latent(model, last["invert_exact"], cond, cond)[0]["samples"], latent["samples"]),
+        "stock (FlipSigmas+SamplerCustom -> KSampler)": rel_err(_ksampler(model, cond, steps, last["stock_unsample"])["samples"], latent["samples"]),
+    }
+    if "invert_exact_single" in last:
+        round_trip["exact_single (Invert to Noise exact_single -> KSampler euler)"] = rel_err(
+            _ksampler(model, cond, steps, last["invert_exact_single"])["samples"], latent["samples"])
+    # Regenerate plain and KSampler run the same Euler steps: their outputs should agree to float rounding.
+    same_output = rel_err(last["regenerate_plain"]["samples"], last["ksampler"]["samples"])
+
+    t = {k: v.as_dict() for k, v in timings.items()}
+    med = {k: v.median for k, v in timings.items()}
+    ratios = {
+        "regenerate_plain / ksampler": med["regenerate_plain"] / med["ksampler"],
+        "regenerate_exact / ksampler": med["regenerate_exact"] / med["ksampler"],
+        "invert_plain / stock_unsample": med["invert_plain"] / med["stock_unsample"],
+        "invert_exact / invert_plain": med["invert_exact"] / med["invert_plain"],
+    }
+    if "invert_exact_single" in med:
+        ratios["invert_exact_single / invert_plain"] = med["invert_exact_single"] / med["invert_plain"]
+    # The same ratios with the model time taken out: non-model seconds per run, side by side.
+    non_model = {k: sorted(w - m for w, m in zip(v.wall, v.model))[len(v.wall) // 2] for k, v in timings.items()}
+    return {"model": models.name, "latent_shape": list(shape), "steps": steps, "reps": reps, "timings": t,
+            "ratios": ratios, "non_model_s": non_model, "round_trip_rel_err": round_trip,
+            "regenerate_plain_vs_ksampler_rel_diff": same_output}
+
+
+def core_overhead(models: Models, shape: tuple, steps: int, reps: int, progress) -> dict:
+    """Share of wall time outside the denoiser in the pure core (no ComfyUI), per method and direction."""
+    import time
+    core = pack("keyface_core.sampling")
+    import comfy.samplers
+    base = models.model.model
+    context = models.cond[0][0]
+    state = {"t": 0.0}
+
+    def denoise(x, sigma):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = base.apply_model(x.to(torch.float32), sigma.to(torch.float32).reshape(1).expand(x.shape[0]),
+                                   c_crossattn=context.expand(x.shape[0], -1, -1))
+        state["t"] += time.perf_counter() - start
+        return out
+
+    latent = _clean_latent(models, shape)["samples"] * float(base.latent_format.scale_factor)
+    sigmas = comfy.samplers.calculate_sigmas(models.model.get_model_object("model_sampling"), "normal", steps).cpu()
+    out = {}
+    for method in ("plain", "exact", "exact_single"):
+        noise = core.invert(denoise, core.LatentState(latent), sigmas, method)
+        walls, models_t = [], []
+        for direction in ("invert", "regenerate"):
+            walls, models_t = [], []
+            for _ in range(reps if method != "exact_single" or direction == "regenerate" else 1):
+                state["t"] = 0.0
+                start = time.perf_counter()
+                if direction == "invert":
+                    core.invert(denoise, core.LatentState(latent), sigmas, method)
+                else:
+                    core.regenerate(denoise, noise, sigmas, method)
+                walls.append(time.perf_counter() - start)
+                models_t.append(state["t"])
+                progress.update(1)
+            shares = sorted((w - m) / w for w, m in zip(walls, models_t))
+            out[f"{direction} {method}"] = {"overhead_share": shares[len(shares) // 2], "wall_s": walls}
+    return out
+
+
+def batch_vs_single(models: Models, n: int, shape: tuple, steps: int, reps: int, progress) -> dict:
+    """Anonymize N faces as one batch vs N single runs (exact method, one face mask each)."""
+    cn = pack("nodes.core_nodes")
+    cond = models.cond
+    key = new_key()
+    timed, timer = timed_clone(models.model)
+    _, c, h, w = shape
+    gen = torch.Generator().manual_seed(1)
+    scale = float(models.model.model.latent_format.scale_factor)
+    samples = torch.randn((n, c, h, w), generator=gen) / scale
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    masks = torch.stack([((xx - 0.1 * (i % 3 - 1)) ** 2 / 0.45 + (yy ** 2) / 0.6 <= 1).float() for i in range(n)])
+
+    def anonymize(lat, mask):
+        noise, _ = cn.invert_latent(timed, lat, steps, "normal", "exact", 1.0, cond, cond, mask=mask)
+        return cn.regenerate_latent(timed, cn.flip_latent(noise, key), cond, cond)[0]
+
+    runs = {
+        "batch": lambda: anonymize({"samples": samples}, masks),
+        "singles": lambda: [anonymize({"samples": samples[i:i + 1]}, masks[i:i + 1]) for i in range(n)],
+    }
+    timings = compare(runs, reps, timer, progress)
+    return {"model": models.name, "n": n, "latent_shape": [n, c, h, w], "steps": steps, "reps": reps,
+            "timings": {k: v.as_dict() for k, v in timings.items()},
+            "ratio batch / singles": timings["batch"].median / timings["singles"].median,
+            "per_face_s": {"batch": timings["batch"].median / n, "single": timings["singles"].median / n}}

@@ -1,0 +1,377 @@
+"""Whole-photo face path: detect, crop, paste back, and the KeyFace PNG (save/load with metadata)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..keyface_core import faces as face_core
+from ..keyface_core import masks as mask_core
+from ..keyface_core import metadata as meta
+from ..keyface_core.errors import InputMismatchError, MetadataError, NoFaceError
+from .core_nodes import CATEGORY
+from .latent_info import INFO_KEY, KeyFaceInfo, Settings, info_of
+
+log = logging.getLogger("keyface")
+FacesType = io.Custom("KEYFACE_FACES")
+
+
+@dataclass(frozen=True)
+class FaceRegion:
+    """One face of a photo: its square crop box (x, y, size) in image pixels and soft crop mask."""
+
+    index: int
+    box: tuple
+    mask: torch.Tensor  # [S,S] float32, multiples of 1/255 so the stored uint8 mask reproduces it
+
+
+@dataclass(frozen=True)
+class FaceSet:
+    """The faces of one photo, in crop order (= latent batch order)."""
+
+    image_hw: tuple
+    crop_size: int
+    faces: tuple
+
+    def __repr__(self) -> str:
+        return f"<KeyFace faces: {len(self.faces)} in a {self.image_hw[1]}x{self.image_hw[0]} image, crops {self.crop_size}px>"
+
+
+def _quantize(mask: torch.Tensor) -> torch.Tensor:
+    """Round a soft mask to 1/255 steps: exactly what the PNG metadata stores."""
+    return torch.round(mask.clamp(0, 1) * 255.0) / 255.0
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    # Rounding (not truncation) maps LoadImage's v/255 floats back to v exactly.
+    return np.clip(np.round(image.cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
+
+
+def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
+           max_faces: int = 16, min_face_px: int = 0) -> tuple[torch.Tensor, FaceSet]:
+    """dlib faces of one IMAGE -> (full-size soft MASK [1,H,W], FaceSet with crop boxes and soft crop masks)."""
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise InputMismatchError(f"Face Mask takes one photo at a time (batch 1); got a batch of {image.shape[0]}.")
+    pixels = _to_uint8(image[0, ..., :3])
+    found = face_core.detect_faces(pixels, min_face_px=min_face_px)
+    if not found:
+        raise NoFaceError("no face was found in the image, so nothing would be anonymized. Try a larger or frontal "
+                          "face, or connect your own MASK to Crop Faces.")
+    found = sorted(found, key=lambda d: -d.score)[:max_faces]
+    found = sorted(found, key=lambda d: (d.box[0], d.box[1]))
+    H, W = pixels.shape[:2]
+    regions, full = [], torch.zeros(H, W)
+    for index, det in enumerate(found):
+        box = mask_core.square_crop_box(det.box, (H, W), context)
+        hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, crop_size))
+        soft = _quantize(mask_core.feather(hard, max(1.0, feather_frac * crop_size)))
+        regions.append(FaceRegion(index, tuple(int(v) for v in box), soft))
+        full_hard = torch.from_numpy(face_core.face_mask(det.landmarks, (H, W)))
+        full = torch.maximum(full, mask_core.feather(full_hard, max(1.0, feather_frac * box[2])))
+    return full[None], FaceSet((H, W), int(crop_size), tuple(regions))
+
+
+def crop(image: torch.Tensor, faces: FaceSet, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, FaceSet]:
+    """Square crops [N,S,S,C] and their masks [N,S,S]; a full-image MASK, when given, replaces the dlib masks."""
+    _check_image(image, faces)
+    crops, masks, regions = [], [], []
+    for region in faces.faces:
+        crops.append(mask_core.crop_square(image[0], region.box, faces.crop_size))
+        if mask is not None:
+            full = mask.reshape(-1, *mask.shape[-2:])[0]
+            if tuple(full.shape) != tuple(faces.image_hw):
+                raise InputMismatchError(f"the mask is {full.shape[1]}x{full.shape[0]} but the image is "
+                                         f"{faces.image_hw[1]}x{faces.image_hw[0]}; give a mask of the image's size.")
+            soft = _quantize(mask_core.crop_square(full[..., None], region.box, faces.crop_size)[..., 0])
+            region = replace(region, mask=soft)
+        masks.append(region.mask)
+        regions.append(region)
+    out_faces = replace(faces, faces=tuple(regions))
+    if all(float(m.max()) < 0.5 for m in masks):
+        raise NoFaceError("every face mask is empty (nothing >= 0.5), so nothing would be anonymized; check the mask.")
+    return torch.stack(crops), torch.stack(masks), out_faces
+
+
+def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet) -> torch.Tensor:
+    """Paste processed crops back through their soft masks; pixels outside the masks stay bit-identical."""
+    _check_image(image, faces)
+    if crops.shape[0] != len(faces.faces):
+        raise InputMismatchError(f"{crops.shape[0]} crops for {len(faces.faces)} faces; connect the decoded crops of "
+                                 "the same Crop Faces run (same order).")
+    out = image[0]
+    for region, face in zip(faces.faces, crops):
+        if face.shape[0] != faces.crop_size or face.shape[1] != faces.crop_size:
+            face = mask_core.crop_square(face, (0, 0, min(face.shape[:2])), faces.crop_size)
+        out = mask_core.paste_square(out, face[..., : out.shape[-1]], region.box, region.mask)
+    return out[None]
+
+
+def _check_image(image: torch.Tensor, faces: FaceSet) -> None:
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise InputMismatchError(f"expected one photo (batch 1); got shape {tuple(image.shape)}.")
+    if tuple(image.shape[1:3]) != tuple(faces.image_hw):
+        raise InputMismatchError(f"the image is {image.shape[2]}x{image.shape[1]} but the faces were found in a "
+                                 f"{faces.image_hw[1]}x{faces.image_hw[0]} image; use the same image (not resized).")
+
+
+# ----------------------------------------------------------------------------------------------
+# The KeyFace PNG
+# ----------------------------------------------------------------------------------------------
+
+def build_record(faces: FaceSet, info: KeyFaceInfo, store_payload: bool) -> meta.AnonymizationRecord:
+    """Everything restore needs except the key; the payload is the exact anonymized state."""
+    if info.key_checks is None:
+        raise InputMismatchError("this latent was never key-flipped, so it is not anonymized; run Apply Key Flip "
+                                 "before Regenerate.")
+    if info.state.shape[0] != len(faces.faces):
+        raise InputMismatchError(f"the latent holds {info.state.shape[0]} faces but {len(faces.faces)} were cropped; "
+                                 "connect the latent of the same crops.")
+    fmt = info.latent_format
+    settings = {**info.settings.public(), "latent_shape": list(info.state.shape[1:]), "crop_size": faces.crop_size,
+                "latent_scale": float(getattr(fmt, "scale_factor", 1.0)),
+                "latent_shift": float(getattr(fmt, "shift_factor", 0.0) or 0.0),
+                "cond_id": info.extra.get("cond_id", "")}
+    records = []
+    for item, region in enumerate(faces.faces):
+        payload = {}
+        if store_payload:
+            payload["state"] = info.state[item].detach().cpu().to(torch.float64).numpy()
+            if info.second is not None:
+                payload["partner"] = info.second[item].detach().cpu().to(torch.float64).numpy()
+        mask_u8 = np.round(region.mask.cpu().numpy() * 255.0).astype(np.uint8)
+        records.append(meta.FaceRecord(region.index, info.nonces[item], info.key_checks[item], tuple(region.box),
+                                       mask_u8, payload))
+    return meta.AnonymizationRecord((faces.image_hw[1], faces.image_hw[0]), settings, records, kdf=info.kdf)
+
+
+class _LatentFormat:
+    """The scale/shift of a model's latent format, as stored in the metadata."""
+
+    def __init__(self, scale: float, shift: float):
+        self.scale_factor, self.shift_factor = scale, shift
+
+    def process_in(self, latent):
+        return (latent - self.shift_factor) * self.scale_factor
+
+    def process_out(self, latent):
+        return latent / self.scale_factor + self.shift_factor
+
+
+def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=None):
+    """(anonymized LATENT with KeyFace info, FaceSet, exact?) from a record and its image."""
+    s = record.settings
+    try:
+        crop_size = int(s["crop_size"])
+        settings = Settings(int(s["steps"]), str(s["scheduler"]), str(s["method"]), float(s["cfg"]), str(s["model_id"]),
+                            torch.tensor([float(v) for v in s["sigmas"]], dtype=torch.float32))
+        fmt = _LatentFormat(float(s["latent_scale"]), float(s["latent_shift"]))
+        latent_shape = tuple(int(v) for v in s["latent_shape"])
+    except (KeyError, TypeError, ValueError):
+        raise MetadataError("the KeyFace settings in this image are incomplete; restore needs the PNG exactly as "
+                            "Save Anonymized wrote it.") from None
+    H, W = image.shape[1:3]
+    if (W, H) != tuple(record.image_size):
+        raise InputMismatchError(f"the image is {W}x{H} but its KeyFace metadata was written for "
+                                 f"{record.image_size[0]}x{record.image_size[1]}: it was resized, so restore cannot "
+                                 "place the faces. Use the file as Save Anonymized wrote it.")
+    regions = []
+    for face in record.faces:
+        if face.box is None or face.mask is None or face.mask.shape != (crop_size, crop_size):
+            raise MetadataError("a face record in this image lacks its box or mask; the metadata is damaged.")
+        regions.append(FaceRegion(face.index, tuple(face.box), torch.from_numpy(face.mask.astype(np.float32) / 255.0)))
+    faces = FaceSet((H, W), crop_size, tuple(regions))
+    exact = all("state" in f.payload for f in record.faces)
+    from ..keyface_core import sampling as core
+    dtype = core.state_dtype(settings.method)
+    if exact:
+        state = torch.stack([torch.from_numpy(f.payload["state"].copy()) for f in record.faces]).to(dtype)
+        if tuple(state.shape[1:]) != latent_shape:
+            raise MetadataError("the stored latent payload does not match the stored latent shape; the metadata is damaged.")
+        second = None
+        if all("partner" in f.payload for f in record.faces) and settings.method == "exact":
+            second = torch.stack([torch.from_numpy(f.payload["partner"].copy()) for f in record.faces]).to(dtype)
+        samples = fmt.process_out(state).to(torch.float32)
+    else:
+        if vae is None:
+            raise MetadataError("this image carries no latent payload (saved without it, or the payload was stripped); "
+                                "connect a VAE to Load Anonymized to re-encode the pixels (approximate restore).")
+        crops, _, _ = crop(image, faces)
+        samples = vae.encode(crops[..., :3])
+        state, second = fmt.process_in(samples.to(dtype)), None
+        log.warning("KeyFace: no latent payload in this image; restoring from re-encoded pixels is APPROXIMATE.")
+    lmask = mask_core.latent_mask(torch.stack([r.mask for r in regions]), latent_shape[-2:])
+    info = KeyFaceInfo("latent", settings, state, second, samples, tuple(f.nonce for f in record.faces),
+                       tuple(f.index for f in record.faces), mask=lmask, background=state, latent_format=fmt,
+                       kdf=record.kdf, key_checks=tuple(f.key_check for f in record.faces),
+                       extra={"cond_id": s.get("cond_id", ""), "exact_payload": exact})
+    return {"samples": samples, INFO_KEY: info}, faces, exact
+
+
+def anonymized_file_path(prefix: str, image_hw) -> Path:
+    """Next free output path for the prefix (ComfyUI's counter); never derived from the source file name."""
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory(),
+                                                                           image_hw[1], image_hw[0])
+    os.makedirs(folder, exist_ok=True)
+    return Path(folder) / f"{name}_{counter:05}_.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# Node classes
+# ----------------------------------------------------------------------------------------------
+
+class FaceMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceFaceMask", display_name="Face Mask", category=CATEGORY,
+            description="Finds faces with dlib (bundled models, no download) and makes a soft face-skin mask per face, "
+                        "plus the square crop each face will be anonymized in.",
+            inputs=[
+                io.Image.Input("image"),
+                io.Int.Input("crop_size", default=512, min=64, max=4096, step=64,
+                             tooltip="Working resolution of each face crop: 512 for SD1.5, 1024 for SDXL/SD3/Flux."),
+                io.Float.Input("context", default=2.0, min=1.2, max=4.0, step=0.1,
+                               tooltip="Crop side as a multiple of the face size (more context = more coherent face)."),
+                io.Float.Input("feather", default=0.06, min=0.0, max=0.25, step=0.01,
+                               tooltip="Soft edge width, as a fraction of the crop size."),
+                io.Int.Input("max_faces", default=16, min=1, max=256),
+                io.Int.Input("min_face_px", default=0, min=0, max=4096, tooltip="Ignore faces smaller than this (pixels)."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask"), FacesType.Output(display_name="faces")],
+        )
+
+    @classmethod
+    def execute(cls, image, crop_size, context, feather, max_faces, min_face_px) -> io.NodeOutput:
+        mask, faces = detect(image, crop_size, context, feather, max_faces, min_face_px)
+        return io.NodeOutput(mask, faces)
+
+
+class CropFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceCropFaces", display_name="Crop Faces", category=CATEGORY,
+            description="Cuts each face out as a square crop at the working resolution, with its mask. Feed the crops "
+                        "to VAE Encode and the masks to Invert to Noise.",
+            inputs=[io.Image.Input("image"), FacesType.Input("faces"),
+                    io.Mask.Input("mask", optional=True, tooltip="Any full-image MASK (e.g. from a segmentation pack) "
+                                                                 "to use instead of the dlib face masks.")],
+            outputs=[io.Image.Output(display_name="crops"), io.Mask.Output(display_name="masks"),
+                     FacesType.Output(display_name="faces")],
+        )
+
+    @classmethod
+    def execute(cls, image, faces, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(*crop(image, faces, mask))
+
+
+class PasteFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFacePasteFaces", display_name="Paste Faces", category=CATEGORY,
+            description="Pastes the processed face crops back into the photo through their soft masks. Every pixel "
+                        "outside the masks stays bit-identical to the input photo.",
+            inputs=[io.Image.Input("image"), io.Image.Input("crops"), FacesType.Input("faces")],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, image, crops, faces) -> io.NodeOutput:
+        return io.NodeOutput(paste(image, crops, faces))
+
+
+class SaveAnonymized(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceSaveAnonymized", display_name="Save Anonymized", category=CATEGORY, is_output_node=True,
+            description="Writes the anonymized photo as a PNG carrying only its pixels and the KeyFace metadata "
+                        "(no workflow, no prompt, no EXIF, no source file name). Atomic: no partial files.",
+            inputs=[
+                io.Image.Input("image"), FacesType.Input("faces"),
+                io.Latent.Input("latent", tooltip="Regenerate's output for these faces (its exact state is the payload)."),
+                io.String.Input("filename_prefix", default="keyface/anonymized",
+                                tooltip="Output name prefix; never include the person's or the source file's name."),
+                io.Boolean.Input("store_latent_payload", default=True,
+                                 tooltip="Store the exact anonymized latents (~2x8 bytes per latent value, compressed) "
+                                         "for exact restore. Without it, restore re-encodes pixels: approximate."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, image, faces, latent, filename_prefix, store_latent_payload) -> io.NodeOutput:
+        info = info_of(latent)
+        if info is None or info.kind != "latent":
+            raise InputMismatchError("Save Anonymized needs Regenerate's LATENT output, unchanged.")
+        _check_image(image, faces)
+        record = build_record(faces, info, store_latent_payload)
+        path = anonymized_file_path(filename_prefix, faces.image_hw)
+        meta.write_png_atomic(path, _to_uint8(image[0, ..., :3]), record)
+        folder = Path(folder_paths.get_output_directory())
+        return io.NodeOutput(ui=ui.SavedImages([ui.SavedResult(path.name, str(path.parent.relative_to(folder)),
+                                                                io.FolderType.output)]))
+
+
+def _input_files() -> list[str]:
+    folder = folder_paths.get_input_directory()
+    return sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))) if os.path.isdir(folder) else []
+
+
+class LoadAnonymized(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceLoadAnonymized", display_name="Load Anonymized", category=CATEGORY,
+            description="Loads a PNG written by Save Anonymized: the photo, the anonymized latents (exact payload) "
+                        "and the faces, ready for Restore -> VAE Decode -> Paste Faces.",
+            inputs=[
+                io.Combo.Input("image", options=_input_files(), upload=io.UploadType.image,
+                               tooltip="The anonymized PNG, in ComfyUI's input folder."),
+                io.Vae.Input("vae", optional=True, tooltip="Only needed when the file has no latent payload: the "
+                                                          "crops are re-encoded from pixels (approximate restore)."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
+                     FacesType.Output(display_name="faces")],
+        )
+
+    @classmethod
+    def execute(cls, image, vae=None) -> io.NodeOutput:
+        path = folder_paths.get_annotated_filepath(image)
+        pixels, record, read = meta.read_png(path)
+        for warning in read.warnings:
+            log.warning("KeyFace: %s", warning)
+        if record is None:
+            raise MetadataError(f"'{Path(path).name}' carries no KeyFace metadata (nonces, masks, settings): restore "
+                                "is impossible without it. Use the PNG exactly as Save Anonymized wrote it"
+                                + (" (this file is lossy-compressed, which drops it)." if read.lossy else "."))
+        tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
+        latent, faces, exact = record_to_inputs(record, tensor, vae)
+        return io.NodeOutput(tensor, latent, faces)
+
+    @classmethod
+    def fingerprint_inputs(cls, image, vae=None):
+        path = folder_paths.get_annotated_filepath(image)
+        try:
+            st = os.stat(path)
+            return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+        except OSError:
+            return f"{path}:missing"
+
+    @classmethod
+    def validate_inputs(cls, image, vae=None):
+        if not folder_paths.exists_annotated_filepath(image):
+            return f"Invalid image file: {image}"
+        return True
+
+
+NODES = [FaceMask, CropFaces, PasteFaces, SaveAnonymized, LoadAnonymized]

@@ -1,0 +1,128 @@
+"""The shipped workflows, run through ComfyUI's own validator and executor (checkpoint loader swapped
+for a seeded tiny model), and a scan of everything they write for key material."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import KEY_NAME, REPO
+
+CROP = 128  # the tiny model's working size; shipped workflows use 512
+
+
+def load_api(name: str) -> dict:
+    prompt = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"] = "KeyFaceDevTinyCheckpoint"
+            node["inputs"] = {"ckpt_name": "tiny", "prediction": "eps", "seed": 0}
+        if node["class_type"] == "KeyFaceFaceMask":
+            node["inputs"]["crop_size"] = CROP
+    return prompt
+
+
+def run(prompt):
+    from keyface_dev import comfy_host
+    executor, server = comfy_host.run_prompt(prompt)
+    return executor, server
+
+
+def newest(folder: Path, pattern: str) -> Path:
+    return max(folder.glob(pattern), key=lambda p: p.stat().st_mtime_ns)
+
+
+def key_forms(path: Path) -> list[bytes]:
+    raw = bytes.fromhex(path.read_text().strip())
+    hexed = raw.hex()
+    return [raw, hexed.encode(), hexed.upper().encode(), base64.b64encode(raw), base64.urlsafe_b64encode(raw),
+            base64.b64encode(raw).rstrip(b"=")]
+
+
+def test_workflow_files_are_generated_from_one_definition():
+    result = subprocess.run([sys.executable, "scripts/make_workflows.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def anonymized(host, kf):
+    nodes, work = host
+    executor, server = run(load_api("keyface_anonymize"))
+    assert executor.success, server.messages
+    out = newest(work / "output" / "keyface", "anonymized_*.png")
+    return out, executor, server
+
+
+def test_anonymize_workflow_writes_only_pixels_and_keyface_metadata(host, kf, anonymized):
+    nodes, work = host
+    path, _, _ = anonymized
+    with Image.open(path) as im:
+        assert set(im.info) <= {"keyface"}, im.info.keys()
+        assert "exif" not in im.info and not im.getexif()
+    assert "sample" not in path.name and "obama" not in path.name
+    pixels, record, info = kf.metadata.read_png(path)
+    assert record is not None and len(record.faces) == 1
+    original = np.array(Image.open(work / "input" / "keyface_sample_face.jpg").convert("RGB"))
+    changed = np.any(pixels != original, axis=-1)
+    # Every pixel outside the stored face crop mask is bit-identical to the input.
+    face = record.faces[0]
+    x, y, size = face.box
+    assert not changed[:y].any() and not changed[y + size:].any()
+    assert not changed[:, :x].any() and not changed[:, x + size:].any()
+    assert changed[y:y + size, x:x + size].mean() > 0.05
+
+
+def test_restore_workflow_restores_and_wrong_key_refuses(host, kf, anonymized):
+    nodes, work = host
+    path, _, _ = anonymized
+    shutil.copy(path, work / "input" / "keyface_anonymized.png")
+    executor, server = run(load_api("keyface_restore"))
+    assert executor.success, server.messages
+    restored = np.array(Image.open(newest(work / "output" / "keyface", "restored_*.png")).convert("RGB"))
+    anon = np.array(Image.open(path).convert("RGB"))
+    record = kf.metadata.read_png(path)[1]
+    x, y, size = record.faces[0].box
+    outside = np.ones(anon.shape[:2], bool)
+    outside[y:y + size, x:x + size] = False
+    assert np.array_equal(restored[outside], anon[outside])
+    assert np.any(restored[y:y + size, x:x + size] != anon[y:y + size, x:x + size])
+
+    wrong = load_api("keyface_restore")
+    next(n for n in wrong.values() if n["class_type"] == "KeyFaceLoadKey")["inputs"]["key_file"] = "other.key"
+    executor, server = run(wrong)
+    assert not executor.success
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert errors and "does not match" in errors[0]["exception_message"]
+
+
+def test_group_workflow_anonymizes_every_face(host, kf):
+    nodes, work = host
+    executor, server = run(load_api("keyface_anonymize_group"))
+    assert executor.success, server.messages
+    record = kf.metadata.read_png(newest(work / "output" / "keyface", "anonymized_*.png"))[1]
+    assert len(record.faces) >= 2
+    assert len({f.nonce for f in record.faces}) == len(record.faces)
+
+
+def test_no_key_material_in_anything_written(host, anonymized):
+    nodes, work = host
+    _, executor, server = anonymized
+    forms = key_forms(Path(os.environ["KEYFACE_KEYS_DIR"]) / KEY_NAME)
+    written = [p for p in (work / "output").rglob("*") if p.is_file()] + [p for p in (work / "temp").rglob("*") if p.is_file()]
+    assert written
+    channels = {str(p): p.read_bytes() for p in written}
+    channels["executor.history_result"] = json.dumps(executor.history_result, default=str).encode()
+    channels["server.messages"] = json.dumps(server.messages, default=str).encode()
+    channels["executor.status_messages"] = json.dumps(executor.status_messages, default=str).encode()
+    for name, blob in channels.items():
+        for form in forms:
+            assert form not in blob, f"key material found in {name}"
