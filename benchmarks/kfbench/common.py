@@ -115,6 +115,10 @@ class CallTimer:
     def reset(self):
         self.seconds, self.calls = 0.0, 0
 
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options; every clone must feed this one timer.
+        return self
+
     def __call__(self, apply_model, args):
         start = time.perf_counter()
         out = apply_model(args["input"], args["timestep"], **args["c"])
