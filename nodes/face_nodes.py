@@ -74,8 +74,10 @@ def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feat
         hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, crop_size))
         soft = _quantize(mask_core.feather(hard, max(1.0, feather_frac * crop_size)))
         regions.append(FaceRegion(index, tuple(int(v) for v in box), soft))
-        full_hard = torch.from_numpy(face_core.face_mask(det.landmarks, (H, W)))
-        full = torch.maximum(full, mask_core.feather(full_hard, max(1.0, feather_frac * box[2])))
+        # The full-size MASK only changes inside the crop box: resize the crop mask there (cost ∝ face, not photo).
+        x, y, size = (int(v) for v in box)
+        patch = torch.nn.functional.interpolate(soft[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0]
+        full[y:y + size, x:x + size] = torch.maximum(full[y:y + size, x:x + size], patch)
     return full[None], FaceSet((H, W), int(crop_size), tuple(regions))
 
 
