@@ -122,10 +122,11 @@ def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int,
                                 "descriptors": [_describe(u8, d) for d in dets]}
         progress.update(1)
     check = recognizer_check(originals)
+    num = lambda v: "n/a" if v is None else f"{v:.3f}"
     log(f"recognizer check: {check['same_matched']}/{check['same_pairs']} same-identity pairs match "
-        f"(max distance {check['same_max_distance']:.3f}), {check['different_rejected']}/{check['different_pairs']} "
-        f"different-identity pairs rejected (min distance {check['different_min_distance']:.3f}) -> "
-        f"{'PASS' if check['passed'] else 'FAIL'}")
+        f"(max distance {num(check['same_max_distance'])}), {check['different_rejected']}/{check['different_pairs']} "
+        f"different-identity pairs rejected (min distance {num(check['different_min_distance'])}) -> "
+        f"{'PASS' if check['passed'] else 'FAIL (no same-identity pairs)' if not check['same_pairs'] else 'FAIL'}")
     for failure in check["failures"]:
         log(f"  recognizer mismatch: {failure}")
 

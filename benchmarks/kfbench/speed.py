@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .common import Models, compare, comfy_host, new_key, pack, rel_err, timed_clone
@@ -36,7 +38,8 @@ def _ksampler(model, cond, steps: int, latent: dict) -> dict:
                                  {"samples": latent["samples"]}, disable_noise=True)[0]
 
 
-def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, exact_single_reps: int = 1) -> dict:
+def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, exact_single_reps: int = 1,
+                 warmup_each: bool = True, check_round_trip: bool = True) -> dict:
     """Time the node operations against ComfyUI's stock routes; every run also records model time."""
     cn = pack("nodes.core_nodes")
     cond = models.cond
@@ -59,7 +62,10 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
         "invert_plain": keep("invert_plain", lambda: cn.invert_latent(timed, latent, steps, "normal", "plain", 1.0, cond, cond)[0]),
         "invert_exact": keep("invert_exact", lambda: cn.invert_latent(timed, latent, steps, "normal", "exact", 1.0, cond, cond)[0]),
     }
-    timings = compare(runs, reps, timer, progress)
+    if not warmup_each:
+        # Large models: one shared warm-up run (first-call allocations) instead of one per variant.
+        runs["ksampler"]()
+    timings = compare(runs, reps, timer, progress, warmup=warmup_each)
     if exact_single_reps:
         runs_single = {"invert_exact_single": keep("invert_exact_single", lambda: cn.invert_latent(
             timed, latent, steps, "normal", "exact_single", 1.0, cond, cond)[0])}
@@ -67,17 +73,28 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
 
     # Round-trip accuracy of the routes just timed (each output regenerated once with its partner route).
     model = models.model
-    round_trip = {
+    round_trip = {} if not check_round_trip else {
         "plain (Invert to Noise plain -> Regenerate)": rel_err(cn.regenerate_latent(model, last["invert_plain"], cond, cond)[0]["samples"], latent["samples"]),
         "exact (Invert to Noise exact -> Regenerate)": rel_err(cn.regenerate_latent(model, last["invert_exact"], cond, cond)[0]["samples"], latent["samples"]),
         "stock (FlipSigmas+SamplerCustom -> KSampler)": rel_err(_ksampler(model, cond, steps, last["stock_unsample"])["samples"], latent["samples"]),
     }
-    if "invert_exact_single" in last:
+    if check_round_trip and "invert_exact_single" in last:
         round_trip["exact_single (Invert to Noise exact_single -> KSampler euler)"] = rel_err(
             _ksampler(model, cond, steps, last["invert_exact_single"])["samples"], latent["samples"])
     # Regenerate plain and KSampler run the same Euler steps: their outputs should agree to float rounding.
     same_output = rel_err(last["regenerate_plain"]["samples"], last["ksampler"]["samples"])
 
+    # KeyFace's fixed per-operation costs that KSampler does not have.
+    import time as _time
+    adapter = pack("nodes.model_adapter")
+    start = _time.perf_counter()
+    for _ in range(3):
+        adapter.model_identity(model)
+    identity_s = (_time.perf_counter() - start) / 3
+    start = _time.perf_counter()
+    for _ in range(3):
+        cn._conditioning_id(cond, cond)
+    cond_id_s = (_time.perf_counter() - start) / 3
     t = {k: v.as_dict() for k, v in timings.items()}
     med = {k: v.median for k, v in timings.items()}
     ratios = {
@@ -88,11 +105,22 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
     }
     if "invert_exact_single" in med:
         ratios["invert_exact_single / invert_plain"] = med["invert_exact_single"] / med["invert_plain"]
-    # The same ratios with the model time taken out: non-model seconds per run, side by side.
-    non_model = {k: sorted(w - m for w, m in zip(v.wall, v.model))[len(v.wall) // 2] for k, v in timings.items()}
+    # Non-model seconds per run (median), and the ratios again with the model-call jitter pooled out:
+    # every variant calls the same model on the same shapes, so each run is re-estimated as
+    # calls x (median seconds per model call over all runs) + its own median non-model seconds.
+    non_model = {k: statistics.median(w - m for w, m in zip(v.wall, v.model)) for k, v in timings.items()}
+    per_call = statistics.median(m / c for v in timings.values() for m, c in zip(v.model, v.calls) if c)
+    est = {k: timings[k].calls[0] * per_call + non_model[k] for k in timings}
+    pooled = {name: est[a] / est[b] for name, (a, b) in (
+        ("regenerate_plain / ksampler", ("regenerate_plain", "ksampler")),
+        ("regenerate_exact / ksampler", ("regenerate_exact", "ksampler")),
+        ("invert_plain / stock_unsample", ("invert_plain", "stock_unsample")),
+        ("invert_exact / invert_plain", ("invert_exact", "invert_plain")),
+        ("invert_exact_single / invert_plain", ("invert_exact_single", "invert_plain"))) if a in est and b in est}
     return {"model": models.name, "latent_shape": list(shape), "steps": steps, "reps": reps, "timings": t,
-            "ratios": ratios, "non_model_s": non_model, "round_trip_rel_err": round_trip,
-            "regenerate_plain_vs_ksampler_rel_diff": same_output}
+            "ratios": ratios, "ratios_pooled": pooled, "model_s_per_call": per_call, "non_model_s": non_model, "round_trip_rel_err": round_trip,
+            "regenerate_plain_vs_ksampler_rel_diff": same_output,
+            "fixed_costs_s": {"model_identity": identity_s, "conditioning_id": cond_id_s}}
 
 
 def core_overhead(models: Models, shape: tuple, steps: int, reps: int, progress) -> dict:
@@ -135,7 +163,7 @@ def core_overhead(models: Models, shape: tuple, steps: int, reps: int, progress)
     return out
 
 
-def batch_vs_single(models: Models, n: int, shape: tuple, steps: int, reps: int, progress) -> dict:
+def batch_vs_single(models: Models, n: int, shape: tuple, steps: int, reps: int, progress, warmup: bool = True) -> dict:
     """Anonymize N faces as one batch vs N single runs (exact method, one face mask each)."""
     cn = pack("nodes.core_nodes")
     cond = models.cond
@@ -156,7 +184,7 @@ def batch_vs_single(models: Models, n: int, shape: tuple, steps: int, reps: int,
         "batch": lambda: anonymize({"samples": samples}, masks),
         "singles": lambda: [anonymize({"samples": samples[i:i + 1]}, masks[i:i + 1]) for i in range(n)],
     }
-    timings = compare(runs, reps, timer, progress)
+    timings = compare(runs, reps, timer, progress, warmup=warmup)
     return {"model": models.name, "n": n, "latent_shape": [n, c, h, w], "steps": steps, "reps": reps,
             "timings": {k: v.as_dict() for k, v in timings.items()},
             "ratio batch / singles": timings["batch"].median / timings["singles"].median,

@@ -1,0 +1,387 @@
+"""results.json -> results.md (Markdown tables) and PNG plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .common import fmt
+
+TARGET_REGEN = 1.03
+TARGET_OVERHEAD = 0.05
+TARGET_CALLS = 60
+
+
+def _table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _ratio(x) -> str:
+    return "–" if x is None else f"{x:.3f}×"
+
+
+def _get(d, *path):
+    for p in path:
+        if d is None:
+            return None
+        d = d.get(p) if isinstance(d, dict) else None
+    return d
+
+
+def targets(res: dict) -> list:
+    """[(target, measured text, met: bool|None)]."""
+    out = []
+    speed = res.get("speed", {})
+    regen = []
+    for label, key in (("tiny", "tiny"), ("SD1.5-sized", "sd15")):
+        r, q = _get(speed, key, "ratios"), _get(speed, key, "ratios_pooled") or {}
+        if r:
+            regen.append((label, r["regenerate_plain / ksampler"], r["regenerate_exact / ksampler"],
+                          q.get("regenerate_plain / ksampler"), q.get("regenerate_exact / ksampler")))
+    if regen:
+        text = "; ".join(f"{l}: plain {_ratio(p)} (pooled {_ratio(pp)}), exact {_ratio(e)} (pooled {_ratio(pe)})"
+                         for l, p, e, pp, pe in regen)
+        raw_ok = all(p <= TARGET_REGEN and e <= TARGET_REGEN for _, p, e, _, _ in regen)
+        pooled_ok = all(x is not None and x <= TARGET_REGEN for _, _, _, pp, pe in regen for x in (pp, pe))
+        met = True if raw_ok and pooled_ok else False if not raw_ok and not pooled_ok else \
+            ("pooled yes, raw no" if pooled_ok else "raw yes, pooled no")
+        out.append((f"Regenerate ≤ {TARGET_REGEN}× KSampler (equal steps)", text, met))
+    share = []
+    for label, key in (("SD1.5-sized", "sd15"), ("tiny", "tiny")):
+        t = _get(speed, key, "timings")
+        if t:
+            ops = {k: t[k]["overhead_share"] for k in ("regenerate_plain", "regenerate_exact", "invert_plain", "invert_exact") if k in t}
+            share.append((label, ops, t.get("ksampler", {}).get("overhead_share")))
+    if share:
+        text = "; ".join(f"{l}: " + ", ".join(f"{k.replace('_', ' ')} {_pct(v)}" for k, v in ops.items())
+                         + f" (KSampler itself {_pct(ks)})" for l, ops, ks in share)
+        realistic = share[0]
+        met = all(v <= TARGET_OVERHEAD for v in realistic[1].values())
+        out.append((f"≤ {int(TARGET_OVERHEAD * 100)} % of wall time outside model calls (judged on the "
+                    f"{realistic[0]} model)", text, met))
+    rows = _get(res, "exactness", "nodes", "rows") or []
+    exact = next((r for r in rows if r["method"] == "exact"), None)
+    if exact:
+        calls = exact["restore"]["payload"]["calls"]
+        out.append((f"exact restore within {TARGET_CALLS} model calls ({exact['steps']} steps, payload kept)",
+                    f"{calls} calls (anonymize: {exact['anonymize_calls']}); restore error {fmt(exact['restore']['payload']['rel_err'])}",
+                    calls <= TARGET_CALLS))
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    v = m["versions"]
+    s = [f"# KeyFace benchmark results\n",
+         f"Run {res['started']} with `{res['command']}`; wall time **{res['wall_s'] / 60:.1f} min**"
+         f"{' (quick mode: fewer reps and points)' if res['quick'] else ''}.\n",
+         f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB, device `{m['device']}`, "
+         f"torch threads {m['torch_threads']}; load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'] or [])}, "
+         f"at end {', '.join(f'{x:.2f}' for x in res.get('load_average_at_end') or [])}. "
+         f"Versions: Python {v['python']}, torch {v['torch']}, ComfyUI {v['comfyui']}, numpy {v['numpy']}, "
+         f"dlib {v.get('dlib')}; repo HEAD {m.get('repo_head')}.\n",
+         "All models are seeded random-weight ComfyUI models unless a checkpoint is named: timings and exactness "
+         "are real, image quality is meaningless. Timings are medians of interleaved repeats (A B C A B C ...).\n"]
+
+    t = targets(res)
+    if t:
+        s.append("## Targets\n")
+        s.append(_table(["target", "measured", "met"], [[a, b, c if isinstance(c, str) else "**yes**" if c else "**no**"]
+                                                        for a, b, c in t]))
+        s.append("")
+
+    speed = res.get("speed", {})
+    cols = [k for k in ("tiny", "sd15") if k in speed]
+    if cols:
+        head = {k: f"{'tiny' if k == 'tiny' else 'SD1.5-sized'} ({'×'.join(map(str, speed[k]['latent_shape']))}, "
+                   f"{speed[k]['steps']} steps, {speed[k]['reps']} reps)" for k in cols}
+        s.append("## Speed ratios\n")
+        s.append(f"Models: {'; '.join(speed[k]['model'] for k in cols)}. Same seeded model, same input, cfg 1, "
+                 "`normal` scheduler, euler; KeyFace ops are the node functions. Each cell: ratio of median wall "
+                 "times, and in brackets the *pooled* ratio, where every run is re-estimated as its model calls × the "
+                 "median seconds per model call over all runs + its own median non-model seconds (all variants call "
+                 "the same model on the same shapes, so this removes model-call jitter from the comparison).\n")
+        names = [("regenerate_plain / ksampler", "Regenerate (plain) / KSampler euler", f"≤ {TARGET_REGEN}×"),
+                 ("regenerate_exact / ksampler", "Regenerate (exact) / KSampler euler", f"≤ {TARGET_REGEN}×"),
+                 ("invert_plain / stock_unsample", "Invert to Noise (plain) / FlipSigmas + SamplerCustom", ""),
+                 ("invert_exact / invert_plain", "Invert to Noise exact / plain", ""),
+                 ("invert_exact_single / invert_plain", "Invert to Noise exact_single / plain", "")]
+        def cell(k, key):
+            raw, pooled = speed[k]["ratios"].get(key), (speed[k].get("ratios_pooled") or {}).get(key)
+            return "–" if raw is None else _ratio(raw) + ("" if pooled is None else f" ({_ratio(pooled)})")
+        rows = [[label] + [cell(k, key) for k in cols] + [tgt] for key, label, tgt in names]
+        for k in cols:
+            b = speed.get(f"batch_{k}")
+            if b:
+                rows.append([f"batch of {b['n']} faces / {b['n']} single runs (anonymize, exact, {b['steps']} steps)"]
+                            + [_ratio(b["ratio batch / singles"]) if c == k else "" for c in cols] + [""])
+        p = res.get("photo")
+        if p:
+            rows.append([f"one face in a {p['megapixels']:.1f} MP photo / same face as a {p['crop_size']}² crop "
+                         f"(tiny, {p['steps']} steps)", _ratio(p["ratio photo / crop"])] + [""] * (len(cols) - 1) + [""])
+        s.append(_table(["ratio"] + [head[k] for k in cols] + ["target"], rows))
+        s.append("")
+        s.append("### Time per operation and share outside model calls\n")
+        s.append("Model time is measured by a `model_function_wrapper` around every UNet call; the rest (ComfyUI's "
+                 "sampling setup, CFG, KeyFace's float64 algebra, hashing, masks) is the overhead.\n")
+        ops = [("ksampler", "KSampler (euler)"), ("regenerate_plain", "Regenerate plain"),
+               ("regenerate_exact", "Regenerate exact"), ("stock_unsample", "FlipSigmas + SamplerCustom"),
+               ("invert_plain", "Invert to Noise plain"), ("invert_exact", "Invert to Noise exact"),
+               ("invert_exact_single", "Invert to Noise exact_single")]
+        header = ["operation"]
+        for k in cols:
+            header += [f"{k}: median s", f"{k}: calls", f"{k}: outside model"]
+        rows = []
+        for key, label in ops:
+            row = [label]
+            for k in cols:
+                tk = speed[k]["timings"].get(key)
+                row += ([f"{tk['median_wall_s']:.3f}", str(tk["calls_per_run"]), _pct(tk["overhead_share"])]
+                        if tk else ["–", "–", "–"])
+            rows.append(row)
+        s.append(_table(header, rows))
+        s.append("")
+        core = speed.get("core_overhead_tiny")
+        if core:
+            s.append("Pure core (keyface_core.sampling over `BaseModel.apply_model`, no ComfyUI), tiny model: share "
+                     "outside the denoiser — " + ", ".join(f"{k} {_pct(v['overhead_share'])}" for k, v in core.items()) + ".\n")
+        rt = [(k, speed[k]["round_trip_rel_err"]) for k in cols if speed[k]["round_trip_rel_err"]]
+        if rt:
+            routes = list(rt[0][1].keys())
+            s.append("Round trip of the timed routes (relative latent error in LATENT space, invert then regenerate "
+                     "without a key):\n")
+            s.append(_table(["route"] + [head[k] for k, _ in rt], [[r] + [fmt(d.get(r)) for _, d in rt] for r in routes]))
+            s.append("")
+        s.append("Regenerate (plain) vs KSampler from the same noise (the same Euler recurrence), relative difference "
+                 "of the outputs: " + ", ".join(f"{k} {fmt(speed[k]['regenerate_plain_vs_ksampler_rel_diff'])}" for k in cols)
+                 + ".\n")
+        s.append("Fixed costs KeyFace adds to every node run (model fingerprint checked by Regenerate/Restore, conditioning "
+                 "fingerprint): " + "; ".join(f"{k}: model {1000 * speed[k]['fixed_costs_s']['model_identity']:.1f} ms, "
+                                               f"conditioning {1000 * speed[k]['fixed_costs_s']['conditioning_id']:.1f} ms"
+                                               for k in cols if 'fixed_costs_s' in speed[k]) + ".\n")
+    p = res.get("photo")
+    if p:
+        s.append(f"### One face: {p['photo_size'][0]}×{p['photo_size'][1]} photo vs {p['crop_size']}² crop\n")
+        s.append(f"{p['model']}, exact mode, {p['steps']} steps, {p['reps']} reps; mean seconds per stage:\n")
+        stages = list(p["stages_mean_s"]["photo"].keys())
+        rows = [[st, f"{p['stages_mean_s']['photo'][st]:.3f}", f"{p['stages_mean_s']['crop'][st]:.3f}"] for st in stages]
+        rows.append(["**total (median)**", f"{p['timings']['photo']['median_wall_s']:.3f}", f"{p['timings']['crop']['median_wall_s']:.3f}"])
+        s.append(_table(["stage", f"{p['megapixels']:.1f} MP photo", f"{p['crop_size']}² crop"], rows))
+        s.append("")
+
+    ex = res.get("exactness", {})
+    cur = ex.get("curves")
+    if cur:
+        s.append("## Exactness curves\n")
+        s.append(f"Pure core on the tiny model, latent {'×'.join(map(str, cur['latent_shape']))} (a face crop through the "
+                 "tiny VAE, rescaled to unit variance in model space); error = ‖round trip − original‖ / ‖original‖ in "
+                 "model space. `exact_single` uses the core defaults (tol 1e-6, ≤ 30 iterations, Anderson m = 5).\n")
+        methods = list(dict.fromkeys(r["method"] for r in cur["vs_steps"]))
+        steps = sorted(set(r["steps"] for r in cur["vs_steps"]))
+        get = {(r["method"], r["steps"]): r for r in cur["vs_steps"]}
+        rows = [[str(n)] + [f"{fmt(get[(mm, n)]['rel_err'])} ({get[(mm, n)]['invert_calls']}+{get[(mm, n)]['regenerate_calls']})"
+                            for mm in methods] for n in steps]
+        s.append("Round-trip error vs steps (model calls invert + regenerate):\n")
+        s.append(_table(["steps"] + methods, rows))
+        s.append("")
+        it = [r for r in cur["vs_iterations"] if r["iterations"] is not None]
+        if it:
+            iters = sorted(set(r["iterations"] for r in it))
+            g = {(r["anderson_memory"], r["iterations"]): r for r in it}
+            rows = [[str(i)] + [f"{fmt(g[(mem, i)]['rel_err'])} ({g[(mem, i)]['invert_calls']})" if (mem, i) in g else "–"
+                                for mem in (0, 5)] for i in iters]
+            s.append("`exact_single` round-trip error vs solver iterations per step (20 steps; invert calls):\n")
+            s.append(_table(["iterations / step", "plain fixed point (m = 0)", "Anderson m = 5"], rows))
+            refs = [r for r in cur["vs_iterations"] if r["iterations"] is None]
+            s.append("\nReferences at 20 steps: " + ", ".join(f"{r['method']} {fmt(r['rel_err'])} ({r['invert_calls']} invert calls)" for r in refs) + ".\n")
+        tol = cur.get("vs_tolerance")
+        if tol:
+            rows = [[fmt(r["tol"]), fmt(r["rel_err"]), str(r["invert_calls"]), fmt(r["max_residual"])] for r in tol]
+            s.append("`exact_single` vs solver tolerance (20 steps, Anderson m = 5, ≤ 50 iterations per step):\n")
+            s.append(_table(["tolerance", "round-trip error", "invert calls", "worst final residual"], rows))
+            s.append("")
+    nd = ex.get("nodes")
+    if nd:
+        s.append("## Model calls per anonymize / restore, and what the stored payload buys\n")
+        s.append(f"Node functions on {nd['model']}, latent {'×'.join(map(str, nd['latent_shape']))}, face mask covering "
+                 f"{100 * nd['mask_fraction']:.0f} % of the crop. Anonymize = Invert to Noise + Apply Key Flip + Regenerate; "
+                 "Restore = Restore node (invert, unflip, regenerate). Restore error = ‖restored − original‖ / ‖original‖ "
+                 "(model space). Variants: *payload* = the anonymized state as Regenerate returns it (float64 for exact, "
+                 "with the leapfrog partner); *float32 state + partner* = both rounded to float32; *float32 samples only* "
+                 "= what a stock LATENT holds (no partner); *8-bit pixels* = VAE decode, round to 8 bits, VAE encode "
+                 "(what restoring from the PNG's pixels alone does).\n")
+        variants = list(nd["rows"][0]["restore"].keys())
+        rows = []
+        for r in nd["rows"]:
+            rows.append([r["method"], str(r["anonymize_calls"]), str(r["restore"]["payload"]["calls"])]
+                        + [fmt(r["restore"][vv]["rel_err"]) for vv in variants] + [fmt(r["wrong_key_restore_rel_err"])])
+        s.append(_table(["method", "anonymize calls", "restore calls"] + [f"restore err: {vv}" for vv in variants]
+                        + ["wrong-key restore err"], rows))
+        if nd.get("vae_reencode_floor_rel_err") is not None:
+            s.append(f"\nVAE re-encode alone (original → 8-bit pixels → latent, no diffusion): {fmt(nd['vae_reencode_floor_rel_err'])}.\n")
+        cs = nd.get("calls_vs_steps")
+        if cs:
+            rows = [[r["method"], str(r["steps"]), str(r["anonymize_calls"]), str(r["restore_calls"]), fmt(r["restore_rel_err"])] for r in cs]
+            s.append("Calls vs steps (payload kept):\n")
+            s.append(_table(["method", "steps", "anonymize calls", "restore calls", "restore error"], rows))
+            s.append("")
+    for key, title in (("nodes_checkpoint", "Payload table on the checkpoint"),):
+        nc = ex.get(key)
+        if nc:
+            s.append(f"### {title} ({nc['model']})\n")
+            variants = list(nc["rows"][0]["restore"].keys())
+            rows = [[r["method"], str(r["anonymize_calls"]), str(r["restore"]["payload"]["calls"])]
+                    + [fmt(r["restore"][vv]["rel_err"]) for vv in variants] for r in nc["rows"]]
+            s.append(_table(["method", "anonymize calls", "restore calls"] + [f"restore err: {vv}" for vv in variants], rows))
+            s.append("")
+
+    idn = res.get("identity")
+    if idn:
+        s.append("## Identity and quality harness\n")
+        if not idn["real_checkpoint"]:
+            s.append("**These numbers mean nothing for anonymization quality**: the model and VAE are random-weight "
+                     "stand-ins (the VAE does not even reconstruct faces). The run proves the harness works end to end; "
+                     "run `benchmarks/run.py --checkpoint PATH` with a real checkpoint for the paper's table.\n")
+        c = idn["recognizer_check"]
+        s.append(f"Recognizer check (dlib ResNet descriptor, threshold {idn['threshold']}, {len(c['photos'])} single-face "
+                 f"photos in `{idn['folder']}`): {c['same_matched']}/{c['same_pairs']} same-identity pairs match (max "
+                 f"distance {fmt(c['same_max_distance'])}), {c['different_rejected']}/{c['different_pairs']} different-identity "
+                 f"pairs rejected (min distance {fmt(c['different_min_distance'])}) → **{'PASS' if c['passed'] else 'FAIL'}**.\n")
+        sm = idn["summary"]
+        s.append(f"{sm['faces']} faces in {sm['photos']} photos; {idn['model']}, mode {idn['mode']}, {idn['steps']} steps, "
+                 f"crops {idn['crop_size']}². Anonymized photos are written as KeyFace PNGs and read back before restore.\n")
+        cols = [("anonymized", "anonymized"), ("restored", "restored (payload)"),
+                ("restored_from_pixels", "restored from pixels (no payload)"), ("wrong_key", "wrong-key restore")]
+
+        def ps(name):
+            p, q = sm.get(f"psnr_{name}"), sm.get(f"ssim_{name}")
+            inf = sm.get(f"psnr_{name}_infinite", 0)
+            return f"{fmt(p)} dB / {fmt(q)}" + (f" ({inf} identical)" if inf else "")
+        rows = [["mean identity distance to original (dlib)"] + [fmt(sm[k]["mean_distance"]) for k, _ in cols],
+                ["true-accept rate at 0.6"] + [_pct(sm[k]["true_accept_rate"]) for k, _ in cols],
+                ["face detected (inside its crop box)"] + [_pct(sm[k]["detection_rate"]) for k, _ in cols],
+                ["PSNR / SSIM of the crop box vs original"] + [ps("anonymized"), ps("restored"), ps("restored_from_pixels"), "–"]]
+        s.append(_table(["measure"] + [c2 for _, c2 in cols], rows))
+        n_inf = sm["psnr_restored_vs_ceiling_infinite"]
+        vs_ceiling = ("∞ (bit-identical pixels" + ("" if n_inf == sm["faces"] else f" for {n_inf} of {sm['faces']} faces; "
+                      f"mean of the rest {fmt(sm['psnr_restored_vs_ceiling'])} dB") + ")") if n_inf else \
+            f"{fmt(sm['psnr_restored_vs_ceiling'])} dB"
+        s.append(f"\nVAE ceiling (original crops through VAE encode/decode, pasted alike): {ps('vae_ceiling')}. "
+                 f"Restored vs that ceiling: PSNR {vs_ceiling}"
+                 + f". Model calls per photo: anonymize {fmt(sm['anonymize_calls_per_photo'])}, restore {fmt(sm['restore_calls_per_photo'])}.\n")
+    s.append("## Settings\n")
+    import json
+    s.append("```\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in res["settings"].items()) + "\n```\n")
+    s.append("Section wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["section_s"].items()) + ".\n")
+    if res.get("plots"):
+        s.append("Plots: " + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in res["plots"]) + ".\n")
+    return "\n".join(s)
+
+
+def plots(res: dict, out: Path) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    floor = 1e-17
+
+    def clip(v):
+        return max(v, floor)
+
+    cur = _get(res, "exactness", "curves")
+    if cur:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        methods = list(dict.fromkeys(r["method"] for r in cur["vs_steps"]))
+        for mm in methods:
+            rows = sorted((r for r in cur["vs_steps"] if r["method"] == mm), key=lambda r: r["steps"])
+            axes[0].semilogy([r["steps"] for r in rows], [clip(r["rel_err"]) for r in rows], "o-", label=mm)
+            axes[1].plot([r["steps"] for r in rows], [r["invert_calls"] + r["regenerate_calls"] for r in rows], "o-", label=mm)
+        axes[0].set(xlabel="steps", ylabel="round-trip relative error", title="Round trip vs steps (tiny model)")
+        axes[1].set(xlabel="steps", ylabel="model calls (invert + regenerate)", title="Model calls vs steps")
+        axes[1].set_yscale("log")
+        for a, where in zip(axes, ("center right", "lower right")):
+            a.grid(True, which="both", alpha=0.3)
+            a.legend(fontsize=8, loc=where)
+        fig.tight_layout()
+        path = out / "exactness_vs_steps.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(str(path))
+
+        it = [r for r in cur["vs_iterations"] if r["iterations"] is not None]
+        if it:
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for mem, label in ((0, "fixed point (Anderson m = 0)"), (5, "Anderson m = 5")):
+                rows = sorted((r for r in it if r["anderson_memory"] == mem), key=lambda r: r["iterations"])
+                ax.loglog([r["invert_calls"] for r in rows], [clip(r["rel_err"]) for r in rows], "o-", label=label)
+            tol = cur.get("vs_tolerance") or []
+            if tol:
+                ax.loglog([r["invert_calls"] for r in tol], [clip(r["rel_err"]) for r in tol], "s--",
+                          label="Anderson m = 5, by tolerance")
+            x_left = min(r["invert_calls"] for r in it)
+            for r in cur["vs_iterations"]:
+                if r["iterations"] is None:
+                    ax.axhline(clip(r["rel_err"]), ls=":", color="gray")
+                    ax.annotate(f"{r['method']} ({r['invert_calls']} invert calls)", (x_left, clip(r["rel_err"])),
+                                fontsize=8, va="bottom")
+            ax.set(xlabel="invert model calls (20 steps)", ylabel="round-trip relative error",
+                   title="exact_single: error vs solver work")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out / "exactness_vs_iterations.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            made.append(str(path))
+
+    speed = res.get("speed", {})
+    cols = [k for k in ("tiny", "sd15") if k in speed]
+    if cols:
+        keys = ["regenerate_plain / ksampler", "regenerate_exact / ksampler", "invert_plain / stock_unsample",
+                "invert_exact / invert_plain"]
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        width = 0.8 / len(cols)
+        for j, k in enumerate(cols):
+            vals = [speed[k]["ratios"].get(key, math.nan) for key in keys]
+            ax.barh([i + j * width for i in range(len(keys))], vals, height=width,
+                    label="tiny" if k == "tiny" else "SD1.5-sized")
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.axvline(TARGET_REGEN, color="red", ls="--", lw=0.8, label=f"{TARGET_REGEN}× target")
+        ax.set_yticks([i + width * (len(cols) - 1) / 2 for i in range(len(keys))])
+        ax.set_yticklabels(keys, fontsize=8)
+        ax.set_xlabel("time ratio (median)")
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        path = out / "speed_ratios.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(str(path))
+
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        ops = ["ksampler", "regenerate_plain", "regenerate_exact", "stock_unsample", "invert_plain", "invert_exact"]
+        for j, k in enumerate(cols):
+            vals = [100 * speed[k]["timings"][o]["overhead_share"] for o in ops]
+            ax.barh([i + j * width for i in range(len(ops))], vals, height=width,
+                    label="tiny" if k == "tiny" else "SD1.5-sized")
+        ax.axvline(100 * TARGET_OVERHEAD, color="red", ls="--", lw=0.8, label="5 % target")
+        ax.set_yticks([i + width * (len(cols) - 1) / 2 for i in range(len(ops))])
+        ax.set_yticklabels(ops, fontsize=8)
+        ax.set_xlabel("% of wall time outside UNet calls")
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        path = out / "overhead_share.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(str(path))
+    return made
