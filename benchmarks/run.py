@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     command = " ".join([".venv/bin/python benchmarks/run.py"] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     res = {"command": command, "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
            "quick": args.quick, "sections": sorted(only), "settings": cfg, "machine": common.machine_info(),
-           "checkpoint": args.checkpoint, "faces_dir": str(common.FACES_DIR), "section_s": {}}
+           "checkpoint": args.checkpoint, "faces_dir": os.path.relpath(common.FACES_DIR, HERE.parent), "section_s": {}}
 
     def bar(desc, total):
         return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True, leave=True)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
 
     res["wall_s"] = time.perf_counter() - started
     res["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    res["plots"] = report.plots(res, out)
+    res["plots"] = [Path(p).name for p in report.plots(res, out)]
     _write_json(out / "results.json", res)
     md = report.markdown(res)
     (out / "results.md").write_text(md)

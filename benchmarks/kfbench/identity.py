@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import re
 import statistics
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import Models, new_key, pack, psnr, ssim
+from .common import REPO, Models, new_key, pack, psnr, ssim
 from .photo import anonymize_photo, load_image, restore_photo, save_and_load, to_uint8
 
 THRESHOLD = 0.6
@@ -197,6 +198,6 @@ def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int,
     summary["psnr_restored_vs_ceiling_infinite"] = sum(1 for v in vs if v == float("inf"))
     summary["anonymize_calls_per_photo"] = mean([p["anonymize_calls"] for p in per_photo])
     summary["restore_calls_per_photo"] = mean([p["restore_calls"] for p in per_photo])
-    return {"model": models.name, "real_checkpoint": models.real, "folder": str(folder), "steps": steps, "mode": mode,
+    return {"model": models.name, "real_checkpoint": models.real, "folder": os.path.relpath(folder, REPO), "steps": steps, "mode": mode,
             "crop_size": crop_size, "threshold": THRESHOLD, "recognizer_check": check, "summary": summary,
             "per_face": faces_out, "per_photo": per_photo}
