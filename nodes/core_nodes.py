@@ -141,23 +141,20 @@ def flip_latent(latent: dict, key, mask=None) -> dict:
     shape = tuple(info.state.shape[1:])
     flip_mask = _mask_for(mask, info.samples) if mask is not None else info.mask
     kdf = info.kdf if info.kdf is not None else key.kdf
-    states, seconds, checks = [], [], []
-    for item, (nonce, face) in enumerate(zip(info.nonces, info.face_indices)):
-        image_key = key.image_key(nonce, kdf)
-        signs = sign_pattern(image_key, shape, flip_context(shape, face))
-        m = None if flip_mask is None else flip_mask[item]
-        states.append(apply_flip(info.state[item], signs, m))
-        seconds.append(None if info.second is None else apply_flip(info.second[item], signs, m))
-        checks.append(key_check_value(image_key))
-    state = torch.stack(states)
-    second = None if info.second is None else torch.stack(seconds)
+    image_keys = [key.image_key(nonce, kdf) for nonce in info.nonces]
+    patterns = [sign_pattern(k, shape, flip_context(shape, face)) for k, face in zip(image_keys, info.face_indices)]
+    masks = [None if flip_mask is None else flip_mask[item] for item in range(len(patterns))]
+
+    def flip_each(batch: torch.Tensor) -> torch.Tensor:
+        return torch.stack([apply_flip(x, signs, m) for x, signs, m in zip(batch, patterns, masks)])
+    state = flip_each(info.state)
+    second = None if info.second is None else flip_each(info.second)
+    checks = [key_check_value(k) for k in image_keys]
     if info.settings.method == "exact" or info.latent_format is None:
         samples = state.to(torch.float32) if info.latent_format is None else info.latent_format.process_out(state).to(torch.float32)
     elif float(getattr(info.latent_format, "shift_factor", 0.0) or 0.0) == 0.0:
         # Purely scaled formats: flipping the samples themselves keeps the involution bit-exact.
-        samples = torch.stack([apply_flip(info.samples[i], sign_pattern(key.image_key(n, kdf), shape, flip_context(shape, f)),
-                                          None if flip_mask is None else flip_mask[i])
-                               for i, (n, f) in enumerate(zip(info.nonces, info.face_indices))])
+        samples = flip_each(info.samples)
         state = info.latent_format.process_in(samples)
     else:
         samples = info.latent_format.process_out(state).to(torch.float32)

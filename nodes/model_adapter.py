@@ -9,6 +9,7 @@ Noise scaling is bypassed (it divides by 1 - sigma for flow models, which breaks
 from __future__ import annotations
 
 import hashlib
+import weakref
 
 import torch
 
@@ -62,7 +63,20 @@ def to_latent_space(model_patcher, state: torch.Tensor) -> torch.Tensor:
     return latent_format(model_patcher).process_out(state).to(torch.float32)
 
 
+_identity_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_identity(model_patcher) -> str:
+    """Cached `_compute_identity`: recomputed only when the weights object or its patch set changes."""
+    key = (model_patcher.patches_uuid, tuple(sorted(model_patcher.patches)))
+    cached = _identity_cache.get(model_patcher.model)
+    if cached is None or cached[0] != key:
+        cached = (key, _compute_identity(model_patcher))
+        _identity_cache[model_patcher.model] = cached
+    return cached[1]
+
+
+def _compute_identity(model_patcher) -> str:
     """A cheap fingerprint of the model as it will run: class, sampling, sampled weights, patches.
 
     Restore must use the same model; hashing all weights would take seconds per run, so a fixed
