@@ -19,7 +19,8 @@ from ..keyface_core.flip import apply_flip, flip_context, sign_pattern
 from ..keyface_core.keys import KEY_FILE_SUFFIX, check_matches, key_check_value, key_from_env, load_key_file, new_nonce
 from ..keyface_core.masks import latent_mask
 from . import model_adapter as adapter
-from .latent_info import INFO_KEY, KeyFaceInfo, Settings, background_for, check_batch, info_of, make_latent
+from .latent_info import (INFO_KEY, KeyFaceInfo, Settings, background_for, check_batch, check_not_empty, info_of,
+                          make_latent)
 
 KeyFaceKey = io.Custom("KEYFACE_KEY")
 CATEGORY = "KeyFace"
@@ -96,14 +97,17 @@ def _check_model(model, settings: Settings, what: str):
 
 
 def invert_latent(model, latent: dict, steps: int, scheduler: str, mode: str, cfg: float, positive=None, negative=None,
-                  mask=None, nonces=None, face_indices=None, lmask=None) -> tuple[dict, core.Stats]:
-    """The Invert to Noise operation, shared with the face pipeline."""
+                  mask=None, nonces=None, face_indices=None, lmask=None, sigmas=None) -> tuple[dict, core.Stats]:
+    """The Invert to Noise operation, shared with the face pipeline.
+
+    `sigmas` (Restore) replays a stored schedule, so a restore never depends on how this ComfyUI version
+    computes the scheduler."""
     samples = latent["samples"]
     if samples.ndim != 4:
         raise InputMismatchError(f"KeyFace works on image latents [batch, channels, height, width]; got shape {tuple(samples.shape)}.")
     positive, negative = _conds(model, positive, negative, cfg)
     batch = samples.shape[0]
-    sigmas = adapter.sigmas_for(model, scheduler, steps)
+    sigmas = adapter.sigmas_for(model, scheduler, steps) if sigmas is None else sigmas
     settings = Settings(steps, scheduler, mode, float(cfg), adapter.model_identity(model), sigmas)
     dtype = core.state_dtype(mode)
     info = info_of(latent)
@@ -115,6 +119,7 @@ def invert_latent(model, latent: dict, steps: int, scheduler: str, mode: str, cf
         mask = latent["noise_mask"].reshape(-1, *latent["noise_mask"].shape[-2:])
     if lmask is None:
         lmask = _mask_for(mask, samples)
+    check_not_empty(lmask, "mask")
     nonces = tuple(nonces) if nonces is not None else tuple(new_nonce() for _ in range(batch))
     background = background_for(lmask, clean.x, nonces, adapter.add_noise_for(model), dtype)
     stats = core.Stats()
@@ -140,6 +145,7 @@ def flip_latent(latent: dict, key, mask=None) -> dict:
         raise KeyMaterialError("connect a KEYFACE_KEY from the Load Key node.")
     shape = tuple(info.state.shape[1:])
     flip_mask = _mask_for(mask, info.samples) if mask is not None else info.mask
+    check_not_empty(flip_mask, "flip mask")
     kdf = info.kdf if info.kdf is not None else key.kdf
     image_keys = [key.image_key(nonce, kdf) for nonce in info.nonces]
     patterns = [sign_pattern(k, shape, flip_context(shape, face)) for k, face in zip(image_keys, info.face_indices)]
@@ -207,9 +213,13 @@ def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=
                                     "pick the right key, or enable allow_wrong_key to see what a wrong key gives.")
     settings = info.settings
     _check_model(model, settings, "anonymized latent")
+    stored_cond = info.extra.get("cond_id")
+    if stored_cond and _conditioning_id(*_conds(model, positive, negative, settings.cfg)) != stored_cond:
+        raise InputMismatchError("the conditioning differs from the one used when anonymizing; connect the same "
+                                 "positive/negative conditioning (same prompt, same CLIP) as the anonymizing run.")
     noise_latent, inv_stats = invert_latent(
         model, latent, settings.steps, settings.scheduler, settings.method, settings.cfg, positive, negative,
-        nonces=info.nonces, face_indices=info.face_indices, lmask=info.mask)
+        nonces=info.nonces, face_indices=info.face_indices, lmask=info.mask, sigmas=settings.sigmas)
     # The stored KDF parameters (passphrase keys) must be reused, not the key's defaults.
     noise_latent = make_latent(noise_latent, noise_latent["samples"], noise_latent[INFO_KEY].with_(kdf=info.kdf))
     unflipped = flip_latent(noise_latent, key, mask)
@@ -264,13 +274,34 @@ class LoadKey(io.ComfyNode):
         return f"env:{variable}:{hashlib.sha256(os.environ.get(variable, '').encode()).hexdigest()[:8]}"
 
     @classmethod
+    def validate_inputs(cls, source, key_file):
+        # Replaces ComfyUI's "Value not in list" (a shared workflow names a key this server lacks) with what to do.
+        if source == "key file":
+            problem = _key_file_problem(key_file)
+            if problem:
+                return problem
+        return True
+
+    @classmethod
     def execute(cls, source, key_file, variable, kind) -> io.NodeOutput:
         if source == "key file":
-            if key_file == NO_KEYS or Path(key_file).name != key_file:
-                raise KeyMaterialError(f"no key file selected; put one in {keys_dir()} "
-                                       "(python -m keyface_core.keygen NAME) and refresh the node.")
+            problem = _key_file_problem(key_file, check_exists=False)
+            if problem:
+                raise KeyMaterialError(problem)
             return io.NodeOutput(load_key_file(keys_dir() / key_file, kind))
         return io.NodeOutput(key_from_env(variable, kind))
+
+
+def _key_file_problem(key_file: str, check_exists: bool = True) -> str | None:
+    """Why the chosen key file cannot be used, or None. Names only the file, never its content."""
+    if key_file == NO_KEYS or not key_file or Path(key_file).name != key_file:
+        return (f"no key file selected; put one in {keys_dir()} (python -m keyface_core.keygen NAME) "
+                "and refresh the node list (press R).")
+    if check_exists and not (keys_dir() / key_file).is_file():
+        return (f"key file '{key_file}' is not in {keys_dir()}: copy the key file there (or create a new key with "
+                f"`python -m keyface_core.keygen {Path(key_file).stem}`; a new key cannot restore old images), "
+                "then press R to refresh.")
+    return None
 
 
 class InvertToNoise(io.ComfyNode):

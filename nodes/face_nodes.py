@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -14,9 +15,10 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..keyface_core import faces as face_core
+from ..keyface_core import sampling as core
 from ..keyface_core import masks as mask_core
 from ..keyface_core import metadata as meta
-from ..keyface_core.errors import InputMismatchError, MetadataError, NoFaceError
+from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError
 from .core_nodes import CATEGORY
 from .latent_info import INFO_KEY, KeyFaceInfo, Settings, info_of
 
@@ -50,6 +52,28 @@ def _quantize(mask: torch.Tensor) -> torch.Tensor:
     return torch.round(mask.clamp(0, 1) * 255.0) / 255.0
 
 
+def _rgb(image: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """An IMAGE as 3 channels: grayscale is repeated, alpha dropped (KeyFace reads and writes RGB)."""
+    if image.ndim != 4:
+        raise InputMismatchError(f"the {what} has shape {tuple(image.shape)}; expected an IMAGE "
+                                 "[batch, height, width, channels].")
+    channels = image.shape[-1]
+    if channels == 3:
+        return image
+    if channels == 1:
+        return image.expand(*image.shape[:-1], 3)
+    if channels == 4:
+        return image[..., :3]
+    raise InputMismatchError(f"the {what} has {channels} channels; KeyFace takes RGB, RGBA or grayscale images.")
+
+
+def pixels_digest(pixels: np.ndarray) -> str:
+    """SHA-256 of 8-bit RGB pixels and their size: tells Load Anonymized whether the file was altered."""
+    digest = hashlib.sha256(f"{pixels.shape[1]}x{pixels.shape[0]}:".encode())
+    digest.update(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     # Rounding (not truncation) maps LoadImage's v/255 floats back to v exactly.
     return np.clip(np.round(image.cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
@@ -58,9 +82,11 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
            max_faces: int = 16, min_face_px: int = 0) -> tuple[torch.Tensor, FaceSet]:
     """dlib faces of one IMAGE -> (full-size soft MASK [1,H,W], FaceSet with crop boxes and soft crop masks)."""
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise InputMismatchError(f"Face Mask takes one photo at a time (batch 1); got a batch of {image.shape[0]}.")
-    pixels = _to_uint8(image[0, ..., :3])
+    image = _rgb(image)
+    if image.shape[0] != 1:
+        raise InputMismatchError(f"Face Mask takes one photo at a time (batch 1); got a batch of {image.shape[0]}. "
+                                 "Run the workflow once per photo.")
+    pixels = _to_uint8(image[0])
     found = face_core.detect_faces(pixels, min_face_px=min_face_px)
     if not found:
         raise NoFaceError("no face was found in the image, so nothing would be anonymized. Try a larger or frontal "
@@ -83,6 +109,7 @@ def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feat
 
 def crop(image: torch.Tensor, faces: FaceSet, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, FaceSet]:
     """Square crops [N,S,S,C] and their masks [N,S,S]; a full-image MASK, when given, replaces the dlib masks."""
+    image = _rgb(image)
     _check_image(image, faces)
     crops, masks, regions = [], [], []
     for region in faces.faces:
@@ -104,6 +131,7 @@ def crop(image: torch.Tensor, faces: FaceSet, mask: torch.Tensor | None = None) 
 
 def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet) -> torch.Tensor:
     """Paste processed crops back through their soft masks; pixels outside the masks stay bit-identical."""
+    image, crops = _rgb(image), _rgb(crops, "crops")
     _check_image(image, faces)
     if crops.shape[0] != len(faces.faces):
         raise InputMismatchError(f"{crops.shape[0]} crops for {len(faces.faces)} faces; connect the decoded crops of "
@@ -112,7 +140,7 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet) -> torch.Ten
     for region, face in zip(faces.faces, crops):
         if face.shape[0] != faces.crop_size or face.shape[1] != faces.crop_size:
             face = mask_core.crop_square(face, (0, 0, min(face.shape[:2])), faces.crop_size)
-        out = mask_core.paste_square(out, face[..., : out.shape[-1]], region.box, region.mask)
+        out = mask_core.paste_square(out, face, region.box, region.mask)
     return out[None]
 
 
@@ -128,8 +156,11 @@ def _check_image(image: torch.Tensor, faces: FaceSet) -> None:
 # The KeyFace PNG
 # ----------------------------------------------------------------------------------------------
 
-def build_record(faces: FaceSet, info: KeyFaceInfo, store_payload: bool) -> meta.AnonymizationRecord:
-    """Everything restore needs except the key; the payload is the exact anonymized state."""
+def build_record(faces: FaceSet, info: KeyFaceInfo, store_payload: bool,
+                 pixels: np.ndarray | None = None) -> meta.AnonymizationRecord:
+    """Everything restore needs except the key; the payload is the exact anonymized state.
+
+    `pixels` (the 8-bit RGB image being saved) adds their digest, so a later load can tell an altered copy."""
     if info.key_checks is None:
         raise InputMismatchError("this latent was never key-flipped, so it is not anonymized; run Apply Key Flip "
                                  "before Regenerate.")
@@ -141,6 +172,8 @@ def build_record(faces: FaceSet, info: KeyFaceInfo, store_payload: bool) -> meta
                 "latent_scale": float(getattr(fmt, "scale_factor", 1.0)),
                 "latent_shift": float(getattr(fmt, "shift_factor", 0.0) or 0.0),
                 "cond_id": info.extra.get("cond_id", "")}
+    if pixels is not None:
+        settings["pixels_sha256"] = pixels_digest(pixels)
     records = []
     for item, region in enumerate(faces.faces):
         payload = {}
@@ -179,6 +212,12 @@ def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=
     except (KeyError, TypeError, ValueError):
         raise MetadataError("the KeyFace settings in this image are incomplete; restore needs the PNG exactly as "
                             "Save Anonymized wrote it.") from None
+    sig = settings.sigmas
+    if (settings.method not in core.METHODS or settings.steps < 1 or sig.numel() != settings.steps + 1
+            or not bool(torch.isfinite(sig).all()) or float(sig[-1]) != 0.0 or not bool((sig[:-1] >= sig[1:]).all())):
+        raise MetadataError("the KeyFace settings in this image are inconsistent (method, steps and noise schedule do "
+                            "not agree): the metadata was edited. Restore needs the PNG exactly as Save Anonymized "
+                            "wrote it.")
     H, W = image.shape[1:3]
     if (W, H) != tuple(record.image_size):
         raise InputMismatchError(f"the image is {W}x{H} but its KeyFace metadata was written for "
@@ -191,7 +230,6 @@ def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=
         regions.append(FaceRegion(face.index, tuple(face.box), torch.from_numpy(face.mask.astype(np.float32) / 255.0)))
     faces = FaceSet((H, W), crop_size, tuple(regions))
     exact = all("state" in f.payload for f in record.faces)
-    from ..keyface_core import sampling as core
     dtype = core.state_dtype(settings.method)
     if exact:
         state = torch.stack([torch.from_numpy(f.payload["state"].copy()) for f in record.faces]).to(dtype)
@@ -219,9 +257,18 @@ def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=
 
 def anonymized_file_path(prefix: str, image_hw) -> Path:
     """Next free output path for the prefix (ComfyUI's counter); never derived from the source file name."""
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory(),
-                                                                           image_hw[1], image_hw[0])
-    os.makedirs(folder, exist_ok=True)
+    output = folder_paths.get_output_directory()
+    inside = os.path.abspath(os.path.join(output, os.path.dirname(os.path.normpath(prefix))))
+    if not prefix.strip() or os.path.commonpath((os.path.abspath(output), inside)) != os.path.abspath(output):
+        raise KeyFaceError(f"filename_prefix '{prefix}' does not name a file inside ComfyUI's output folder; use a "
+                           "relative name such as keyface/anonymized. Nothing was written.")
+    try:
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output, image_hw[1], image_hw[0])
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        where = os.path.join(output, os.path.dirname(os.path.normpath(prefix)))
+        raise KeyFaceError(f"cannot use the output folder {where}: {err.strerror or err}. Pick a filename_prefix "
+                           "whose folders can be created in ComfyUI's output folder; nothing was written.") from None
     return Path(folder) / f"{name}_{counter:05}_.png"
 
 
@@ -315,10 +362,12 @@ class SaveAnonymized(io.ComfyNode):
         info = info_of(latent)
         if info is None or info.kind != "latent":
             raise InputMismatchError("Save Anonymized needs Regenerate's LATENT output, unchanged.")
+        image = _rgb(image)
         _check_image(image, faces)
-        record = build_record(faces, info, store_latent_payload)
+        pixels = _to_uint8(image[0])
+        record = build_record(faces, info, store_latent_payload, pixels)
         path = anonymized_file_path(filename_prefix, faces.image_hw)
-        meta.write_png_atomic(path, _to_uint8(image[0, ..., :3]), record)
+        meta.write_png_atomic(path, pixels, record)
         folder = Path(folder_paths.get_output_directory())
         return io.NodeOutput(ui=ui.SavedImages([ui.SavedResult(path.name, str(path.parent.relative_to(folder)),
                                                                 io.FolderType.output)]))
@@ -327,6 +376,63 @@ class SaveAnonymized(io.ComfyNode):
 def _input_files() -> list[str]:
     folder = folder_paths.get_input_directory()
     return sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))) if os.path.isdir(folder) else []
+
+
+SAME_FILE = "(from the image)"
+
+
+def _resampled(pixels: np.ndarray, size: tuple) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.fromarray(pixels).resize(tuple(size), Image.Resampling.LANCZOS)).copy()
+
+
+def load_anonymized(path, metadata_path=None, vae=None):
+    """(IMAGE, anonymized LATENT, FaceSet, warnings) from a Save Anonymized PNG, or from an altered copy of it.
+
+    The metadata comes from `path` itself, or from `metadata_path` (the PNG Save Anonymized wrote) when `path`
+    is a copy that lost it (a JPEG a site served, a resized copy). Altered pixels only cost exactness: they
+    are resampled back to the recorded size and each alteration is reported in `warnings`.
+    """
+    pixels, record, read = meta.read_png(path)
+    warnings = list(read.warnings)
+    if metadata_path is not None:
+        _, record, meta_read = meta.read_png(metadata_path)
+        if record is None:
+            raise MetadataError(f"'{Path(metadata_path).name}' (chosen as metadata) carries no KeyFace metadata either; "
+                                "pick the PNG Save Anonymized wrote.")
+        warnings = [w for w in warnings if "metadata cannot be present" not in w and "cannot carry" not in w]
+        if read.lossy:
+            warnings.append(f"the image is {read.format}, recompressed with losses: exactness is lost wherever its "
+                            "pixels are used")
+    if record is None:
+        raise MetadataError(f"'{Path(path).name}' carries no KeyFace metadata (nonces, masks, settings): restore "
+                            "is impossible without it. Use the PNG exactly as Save Anonymized wrote it"
+                            + (" (this file is lossy-compressed, which drops it)" if read.lossy else "")
+                            + ", or choose that PNG as Load Anonymized's metadata.")
+    size = tuple(record.image_size)
+    if (pixels.shape[1], pixels.shape[0]) != size:
+        warnings = [w for w in warnings if "resized after anonymization" not in w]
+        warnings.append(f"the image is {pixels.shape[1]}x{pixels.shape[0]} but was saved as {size[0]}x{size[1]}; it "
+                        "was resampled back, so pixels outside the faces are not the saved ones (exactness lost)")
+        pixels = _resampled(pixels, size)
+    stored = record.settings.get("pixels_sha256")
+    exact_payload = all("state" in f.payload for f in record.faces)
+    if isinstance(stored, str) and pixels_digest(pixels) != stored:
+        warnings.append("the pixels differ from those Save Anonymized wrote (recompressed, resized or edited): the "
+                        "restored photo keeps those changes outside the faces"
+                        + ("; the faces themselves restore exactly from the stored latents" if exact_payload
+                           else ", and the faces are re-encoded from them: approximate"))
+    tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
+    latent, faces, _ = record_to_inputs(record, tensor, vae)
+    return tensor, latent, faces, warnings
+
+
+def _file_fingerprint(path: str) -> str:
+    try:
+        st = os.stat(path)
+        return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+    except OSError:
+        return f"{path}:missing"
 
 
 class LoadAnonymized(io.ComfyNode):
@@ -341,38 +447,37 @@ class LoadAnonymized(io.ComfyNode):
                                tooltip="The anonymized PNG, in ComfyUI's input folder."),
                 io.Vae.Input("vae", optional=True, tooltip="Only needed when the file has no latent payload: the "
                                                           "crops are re-encoded from pixels (approximate restore)."),
+                io.Combo.Input("metadata", options=[SAME_FILE, *_input_files()], default=SAME_FILE, optional=True,
+                               tooltip="Where the KeyFace metadata comes from. Normally the image itself; pick the "
+                                       "original PNG here to restore a copy that lost it (a JPEG or resized copy): "
+                                       "works, with a warning that exactness is lost outside the faces."),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
                      FacesType.Output(display_name="faces")],
         )
 
     @classmethod
-    def execute(cls, image, vae=None) -> io.NodeOutput:
+    def execute(cls, image, vae=None, metadata=SAME_FILE) -> io.NodeOutput:
         path = folder_paths.get_annotated_filepath(image)
-        pixels, record, read = meta.read_png(path)
-        for warning in read.warnings:
+        metadata_path = None if metadata in (None, SAME_FILE) else folder_paths.get_annotated_filepath(metadata)
+        tensor, latent, faces, warnings = load_anonymized(path, metadata_path, vae)
+        for warning in warnings:
             log.warning("KeyFace: %s", warning)
-        if record is None:
-            raise MetadataError(f"'{Path(path).name}' carries no KeyFace metadata (nonces, masks, settings): restore "
-                                "is impossible without it. Use the PNG exactly as Save Anonymized wrote it"
-                                + (" (this file is lossy-compressed, which drops it)." if read.lossy else "."))
-        tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
-        latent, faces, exact = record_to_inputs(record, tensor, vae)
         return io.NodeOutput(tensor, latent, faces)
 
     @classmethod
-    def fingerprint_inputs(cls, image, vae=None):
-        path = folder_paths.get_annotated_filepath(image)
-        try:
-            st = os.stat(path)
-            return f"{path}:{st.st_mtime_ns}:{st.st_size}"
-        except OSError:
-            return f"{path}:missing"
+    def fingerprint_inputs(cls, image, vae=None, metadata=SAME_FILE):
+        paths = [folder_paths.get_annotated_filepath(image)]
+        if metadata not in (None, SAME_FILE):
+            paths.append(folder_paths.get_annotated_filepath(metadata))
+        return "|".join(_file_fingerprint(p) for p in paths)
 
     @classmethod
-    def validate_inputs(cls, image, vae=None):
+    def validate_inputs(cls, image, vae=None, metadata=SAME_FILE):
         if not folder_paths.exists_annotated_filepath(image):
             return f"Invalid image file: {image}"
+        if metadata not in (None, SAME_FILE) and not folder_paths.exists_annotated_filepath(metadata):
+            return f"Invalid metadata file: {metadata}"
         return True
 
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..keyface_core.errors import InputMismatchError
+from ..keyface_core.errors import InputMismatchError, NoFaceError
 from ..keyface_core.flip import public_gaussian
 from ..keyface_core import sampling as core
 
@@ -56,6 +56,13 @@ class KeyFaceInfo:
     flipped: bool = False                    # parity of flips applied since inversion
     extra: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # ComfyUI prints node inputs into error reports (/history): keep it short, and tensor-free.
+        s = self.settings
+        return (f"<KeyFace {self.kind}: batch {self.state.shape[0]}, {s.method}, {s.steps} steps {s.scheduler}, "
+                f"cfg {s.cfg:g}, {'masked' if self.mask is not None else 'whole latent'}, "
+                f"{'key-flipped' if self.key_checks is not None else 'not key-flipped'}>")
+
     def matches(self, samples: torch.Tensor) -> bool:
         """True when `samples` are still the ones this info was made for (no node edited them)."""
         return samples is self.samples or (samples.shape == self.samples.shape and torch.equal(samples.cpu(), self.samples.cpu()))
@@ -89,6 +96,17 @@ def background_for(info_mask: Optional[torch.Tensor], clean_state: torch.Tensor,
     shape = tuple(clean_state.shape[1:])
     noise = torch.stack([public_gaussian(b"keyface/v1/background\x00" + nonce, shape) for nonce in nonces])
     return core.Background(info_mask.to(dtype), clean_state.to(dtype), noise.to(dtype), add_noise)
+
+
+def check_not_empty(lmask: Optional[torch.Tensor], what: str) -> None:
+    """Refuse a latent mask with an item that covers no cell: that item would silently stay un-anonymized."""
+    if lmask is None:
+        return
+    empty = [item for item in range(lmask.shape[0]) if not bool((lmask[item] >= 0.5).any())]
+    if empty:
+        raise NoFaceError(f"the {what} is empty on the latent grid for batch item(s) {empty} (nothing >= 0.5 after "
+                          "downsampling to 1/8 size), so nothing would be anonymized there. Connect the face mask "
+                          "(Face Mask / Crop Faces), or a mask covering at least one 8x8-pixel cell.")
 
 
 def check_batch(name: str, tensor: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:

@@ -40,7 +40,7 @@ ANONYMIZE = {
 
 RESTORE = {
     "1": ("CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, "Same checkpoint as the anonymizing run"),
-    "2": ("KeyFaceLoadAnonymized", {"image": "keyface_anonymized.png", "vae": ["1", 2]}, "Anonymized PNG (as saved)"),
+    "2": ("KeyFaceLoadAnonymized", {"image": "keyface_anonymized.png", "vae": ["1", 2], "metadata": "(from the image)"}, "Anonymized PNG (as saved)"),
     "3": ("KeyFaceLoadKey", {"source": "key file", "key_file": "my_keyface.key", "variable": "KEYFACE_KEY", "kind": "key"}, None),
     "4": ("CLIPTextEncode", {"text": PROMPT, "clip": ["1", 1]}, "Same prompt as the anonymizing run"),
     "5": ("KeyFaceRestore", {"model": ["1", 0], "latent": ["2", 1], "key": ["3", 0], "positive": ["4", 0],

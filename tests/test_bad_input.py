@@ -1,0 +1,539 @@
+"""Bad input, one test per kind: a clear error that says what to do (or a warning where the work can go
+on), no key material in the message, and no file written. Each test registers its row of the README's
+bad-input table (same id, same words), and the last test checks that the table and the tests agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import KEY_NAME, REPO
+
+STEPS = 4
+CROP = 64
+CASES: dict[str, tuple[str, str]] = {}
+
+
+def case(case_id: str, kind: str, says: str):
+    """Register a README table row: `says` must appear both in the README row and in what the test checks."""
+    def register(fn):
+        assert case_id not in CASES, case_id
+        CASES[case_id] = (kind, says)
+        fn.case = (case_id, says)
+        return fn
+    return register
+
+
+def key_forms() -> list[str]:
+    raw = bytes.fromhex((Path(os.environ["KEYFACE_KEYS_DIR"]) / KEY_NAME).read_text().strip())
+    return [raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode().rstrip("=")]
+
+
+def files_in(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def expect(error_type, says: str, fn, *args, **kwargs) -> str:
+    """Run fn, which must raise error_type whose text contains `says` and no key material; returns the text."""
+    with pytest.raises(error_type) as caught:
+        fn(*args, **kwargs)
+    text = str(caught.value)
+    assert says in text, text
+    for form in key_forms():
+        assert form not in text
+    return text
+
+
+def as_image(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="module")
+def photo(host):
+    _, work = host
+    return as_image(np.array(Image.open(work / "input" / "keyface_sample_face.jpg").convert("RGB")))
+
+
+@pytest.fixture(scope="module")
+def made(host, tiny, kf, key_pair, photo):
+    """One anonymization of the sample photo, through the node functions, saved by Save Anonymized."""
+    _, work = host
+    models, vae, clip = tiny
+    F, C = kf.face_nodes, kf.core_nodes
+    with torch.inference_mode():
+        _, faces = F.detect(photo, crop_size=CROP)
+        crops, masks, faces = F.crop(photo, faces)
+        latent = {"samples": vae.encode(crops)}
+        noise, _ = C.invert_latent(models["eps"], latent, STEPS, "normal", "exact", 1.0, mask=masks)
+        flipped = C.flip_latent(noise, key_pair[0])
+        anon, _ = C.regenerate_latent(models["eps"], flipped)
+        image = F.paste(photo, vae.decode(anon["samples"]), faces)
+        F.SaveAnonymized.execute(image, faces, anon, "badinput/anon", True)
+    saved = max((work / "output" / "badinput").glob("anon_*.png"), key=lambda p: p.stat().st_mtime_ns)
+    shutil.copy(saved, work / "input" / "bi_anon.png")
+    return SimpleNamespace(faces=faces, crops=crops, masks=masks, latent=latent, noise=noise, flipped=flipped,
+                           anon=anon, image=image, saved=saved, input=work / "input", output=work / "output")
+
+
+def load(kf, name, **kwargs):
+    return kf.face_nodes.LoadAnonymized.execute(name, **kwargs)
+
+
+def put(made, name: str, data: bytes) -> str:
+    (made.input / name).write_bytes(data)
+    return name
+
+
+# ------------------------------------------------------------------------------------ the saved file
+
+@case("B01", "PNG without KeyFace metadata (e.g. from Save Image)", "carries no KeyFace metadata")
+def test_png_without_metadata(kf, made):
+    buffer = Image.open(made.saved).convert("RGB")
+    buffer.save(made.input / "bi_plain.png")
+    text = expect(kf.errors.MetadataError, "carries no KeyFace metadata", load, kf, "bi_plain.png")
+    assert "Save Anonymized" in text
+
+
+@case("B02", "Metadata chunk damaged (bytes changed, checksum broken)", "is damaged")
+def test_damaged_metadata_chunk(kf, made):
+    data = bytearray(made.saved.read_bytes())
+    at = data.index(b"iTXtkeyface") + 40
+    data[at] ^= 0xFF
+    name = put(made, "bi_damaged.png", bytes(data))
+    expect(kf.errors.MetadataError, "is damaged", load, kf, name)
+
+
+@case("B03", "Metadata altered with a valid checksum (not a KeyFace record any more)", "missing field(s)")
+def test_altered_metadata_with_valid_crc(kf, made, tmp_path):
+    pixels = np.array(Image.open(made.saved).convert("RGB"))
+    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info.add_itxt("keyface", '{"format": "keyface", "version": 1, "faces": "nope"}')
+    Image.fromarray(pixels).save(made.input / "bi_altered.png", pnginfo=info)
+    expect(kf.errors.MetadataError, "missing field(s)", load, kf, "bi_altered.png")
+
+
+@case("B04", "Metadata from a newer KeyFace (unknown format version)", "Update the KeyFace node pack")
+def test_newer_format_version(kf, made):
+    record = kf.metadata.read_png(made.saved)[1]
+    text = kf.metadata.encode_record(record).replace('"version":1', '"version":99', 1)
+    assert '"version":99' in text
+    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info.add_itxt("keyface", text)
+    Image.open(made.saved).convert("RGB").save(made.input / "bi_newer.png", pnginfo=info)
+    expect(kf.errors.MetadataError, "Update the KeyFace node pack", load, kf, "bi_newer.png")
+
+
+@case("B05", "Stored settings edited (steps no longer match the stored noise schedule)", "the metadata was edited")
+def test_edited_settings(kf, made):
+    record = kf.metadata.read_png(made.saved)[1]
+    record.settings["steps"] = STEPS + 3
+    pixels = np.array(Image.open(made.saved).convert("RGB"))
+    path = made.input / "bi_steps.png"
+    kf.metadata.write_png_atomic(path, pixels, record, overwrite=True)
+    expect(kf.errors.MetadataError, "the metadata was edited", load, kf, path.name)
+
+
+@case("B06", "Truncated or non-image file", "damaged or truncated")
+def test_truncated_file(kf, made):
+    data = made.saved.read_bytes()
+    name = put(made, "bi_truncated.png", data[: len(data) // 3])
+    expect(kf.errors.KeyFaceError, "damaged or truncated", load, kf, name)
+    name = put(made, "bi_text.png", b"this is not an image at all")
+    expect(kf.errors.KeyFaceError, "not an image file", load, kf, name)
+
+
+@case("B07", "JPEG copy (metadata lost) given alone", "lossy-compressed")
+def test_jpeg_copy_alone(kf, made):
+    Image.open(made.saved).convert("RGB").save(made.input / "bi_copy.jpg", quality=90)
+    text = expect(kf.errors.MetadataError, "lossy-compressed", load, kf, "bi_copy.jpg")
+    assert "metadata" in text
+
+
+@case("B08", "JPEG copy with the original PNG chosen as metadata: restores, warns", "recompressed with losses")
+def test_jpeg_copy_with_metadata_restores_with_a_warning(kf, tiny, key_pair, made, caplog):
+    models, _, _ = tiny
+    Image.open(made.saved).convert("RGB").save(made.input / "bi_copy.jpg", quality=90)
+    with caplog.at_level(logging.WARNING):
+        image, latent, faces = load(kf, "bi_copy.jpg", metadata="bi_anon.png").args
+    assert "recompressed with losses" in caplog.text and "pixels differ" in caplog.text
+    assert "faces themselves restore exactly" in caplog.text
+    restored, _ = kf.core_nodes.restore_latent(models["eps"], latent, key_pair[0])
+    assert float((restored["samples"] - made.latent["samples"]).abs().max()) < 1e-4
+
+
+@case("B09", "Resized copy (metadata kept): resampled back, warns", "was resampled back")
+def test_resized_copy_is_resampled_with_a_warning(kf, made, caplog):
+    with Image.open(made.saved) as im:
+        record_text = im.info["keyface"]
+        info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+        info.add_itxt("keyface", record_text)
+        small = im.convert("RGB").resize((im.width // 2, im.height // 2))
+    small.save(made.input / "bi_small.png", pnginfo=info)
+    with caplog.at_level(logging.WARNING):
+        image, latent, faces = load(kf, "bi_small.png").args
+    assert "was resampled back" in caplog.text
+    assert tuple(image.shape[1:3]) == tuple(faces.image_hw) == tuple(made.faces.image_hw)
+
+
+@case("B10", "RGBA or grayscale copy of the PNG: alpha dropped / gray expanded, warns", "alpha channel ignored")
+def test_rgba_and_grayscale_files(kf, made, caplog):
+    with Image.open(made.saved) as im:
+        info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+        info.add_itxt("keyface", im.info["keyface"])
+        im.convert("RGBA").save(made.input / "bi_rgba.png", pnginfo=info)
+        im.convert("L").save(made.input / "bi_gray.png", pnginfo=info)
+    with caplog.at_level(logging.WARNING):
+        image, _, _ = load(kf, "bi_rgba.png").args
+    assert "alpha channel ignored" in caplog.text and "pixels differ" not in caplog.text
+    assert torch.equal(image, as_image(np.array(Image.open(made.saved).convert("RGB"))))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        image, _, _ = load(kf, "bi_gray.png").args
+    assert "converted from grayscale" in caplog.text and "pixels differ" in caplog.text
+    assert image.shape[-1] == 3
+
+
+@case("B11", "File saved without the latent payload and no VAE connected", "connect a VAE")
+def test_no_payload_no_vae(kf, made):
+    record = kf.metadata.read_png(made.saved)[1]
+    for face in record.faces:
+        face.payload.clear()
+    path = made.input / "bi_nopayload.png"
+    kf.metadata.write_png_atomic(path, np.array(Image.open(made.saved).convert("RGB")), record, overwrite=True)
+    expect(kf.errors.MetadataError, "connect a VAE", load, kf, path.name)
+
+
+# ------------------------------------------------------------------------------------ images and masks
+
+@case("B12", "RGBA or grayscale IMAGE into the face nodes: used as RGB", "3 channels")
+def test_rgba_and_grayscale_images_into_face_nodes(kf, made, photo):
+    F = kf.face_nodes
+    gray = photo.mean(dim=-1, keepdim=True)
+    rgba = torch.cat([photo, torch.ones_like(photo[..., :1])], dim=-1)
+    for image in (gray, rgba):
+        _, faces = F.detect(image, crop_size=CROP)
+        crops, _, faces = F.crop(image, faces)
+        assert crops.shape[-1] == 3
+        assert F.paste(image, crops, faces).shape[-1] == 3
+    expect(kf.errors.InputMismatchError, "channels", F.detect, photo[..., :2], crop_size=CROP)
+
+
+@case("B13", "A batch of several photos into Face Mask", "one photo at a time")
+def test_photo_batch_into_face_mask(kf, photo):
+    expect(kf.errors.InputMismatchError, "one photo at a time", kf.face_nodes.detect, photo.repeat(2, 1, 1, 1))
+
+
+@case("B14", "No face found in the photo", "no face was found")
+def test_no_face_found(kf):
+    blank = torch.full((1, 200, 300, 3), 0.5)
+    text = expect(kf.errors.NoFaceError, "no face was found", kf.face_nodes.detect, blank)
+    assert "MASK" in text
+
+
+@case("B15", "All-zero mask given to Crop Faces", "every face mask is empty")
+def test_all_zero_mask_at_crop(kf, made, photo):
+    empty = torch.zeros(1, *photo.shape[1:3])
+    expect(kf.errors.NoFaceError, "every face mask is empty", kf.face_nodes.crop, photo, made.faces, empty)
+
+
+@case("B16", "All-zero mask (or one that vanishes at 1/8 size) at Invert to Noise or Apply Key Flip",
+      "empty on the latent grid")
+def test_all_zero_mask_at_invert_and_flip(kf, tiny, key_pair, made):
+    models, _, _ = tiny
+    C = kf.core_nodes
+    empty = torch.zeros(1, CROP, CROP)
+    expect(kf.errors.NoFaceError, "empty on the latent grid", C.invert_latent, models["eps"], made.latent, STEPS,
+           "normal", "exact", 1.0, mask=empty)
+    speck = torch.zeros(1, CROP, CROP)
+    speck[:, 10:13, 10:13] = 1.0  # 3x3 pixels: no 8x8 cell reaches 0.5
+    expect(kf.errors.NoFaceError, "empty on the latent grid", C.flip_latent, made.noise, key_pair[0], speck)
+
+
+@case("B17", "Mask of another size than the image (Crop Faces)", "give a mask of the image's size")
+def test_mask_of_another_size(kf, made, photo):
+    wrong = torch.ones(1, photo.shape[1] // 2, photo.shape[2])
+    expect(kf.errors.InputMismatchError, "give a mask of the image's size", kf.face_nodes.crop, photo, made.faces, wrong)
+
+
+@case("B18", "Mask whose aspect ratio differs from the latent (Invert to Noise)", "aspect ratios differ")
+def test_mask_latent_aspect_mismatch(kf, tiny, made):
+    models, _, _ = tiny
+    expect(kf.errors.InputMismatchError, "aspect ratios differ", kf.core_nodes.invert_latent, models["eps"],
+           made.latent, STEPS, "normal", "exact", 1.0, mask=torch.ones(1, CROP, CROP * 2))
+
+
+@case("B19", "Image other than (or resized from) the one the faces were found in", "use the same image (not resized)")
+def test_other_image_for_faces(kf, made, photo):
+    smaller = photo[:, :-8]
+    expect(kf.errors.InputMismatchError, "use the same image (not resized)", kf.face_nodes.crop, smaller, made.faces)
+    expect(kf.errors.InputMismatchError, "use the same image (not resized)", kf.face_nodes.paste, smaller,
+           made.crops, made.faces)
+
+
+@case("B20", "Number of crops differs from the number of faces (Paste Faces)", "connect the decoded crops")
+def test_crop_count_mismatch(kf, made, photo):
+    expect(kf.errors.InputMismatchError, "connect the decoded crops", kf.face_nodes.paste, photo,
+           made.crops.repeat(2, 1, 1, 1), made.faces)
+
+
+@case("B21", "Mask batch differs from the latent batch", "give one mask for all")
+def test_mask_batch_mismatch(kf, tiny):
+    models, vae, _ = tiny
+    latent = {"samples": torch.randn(2, 4, CROP // 8, CROP // 8)}
+    expect(kf.errors.InputMismatchError, "give one mask for all", kf.core_nodes.invert_latent, models["eps"],
+           latent, STEPS, "normal", "exact", 1.0, mask=torch.ones(3, CROP, CROP))
+
+
+@case("B22", "Latent that is not an image latent (video/audio shape)", "image latents")
+def test_latent_of_wrong_rank(kf, tiny):
+    models, _, _ = tiny
+    latent = {"samples": torch.randn(1, 4, 2, 8, 8)}
+    expect(kf.errors.InputMismatchError, "image latents", kf.core_nodes.invert_latent, models["eps"], latent,
+           STEPS, "normal", "exact", 1.0)
+
+
+# ------------------------------------------------------------------------------------ node wiring and settings
+
+@case("B23", "Latent for other faces at Save Anonymized (count differs)", "connect the latent of the same crops")
+def test_save_latent_of_other_faces(kf, made, host):
+    F = kf.face_nodes
+    before = files_in(made.output)
+    doubled = kf.core_nodes.make_latent(made.anon, torch.cat([made.anon["samples"]] * 2),
+                                        made.anon["keyface"].with_(state=torch.cat([made.anon["keyface"].state] * 2)))
+    expect(kf.errors.InputMismatchError, "connect the latent of the same crops", F.SaveAnonymized.execute,
+           made.image, made.faces, doubled, "badinput/anon", True)
+    assert files_in(made.output) == before
+
+
+@case("B24", "Latent never key-flipped at Save Anonymized", "never key-flipped")
+def test_save_unflipped(kf, tiny, made):
+    models, _, _ = tiny
+    before = files_in(made.output)
+    with torch.inference_mode():
+        plain, _ = kf.core_nodes.regenerate_latent(models["eps"], made.noise)
+    expect(kf.errors.InputMismatchError, "never key-flipped", kf.face_nodes.SaveAnonymized.execute,
+           made.image, made.faces, plain, "badinput/anon", True)
+    assert files_in(made.output) == before
+
+
+@case("B25", "Noise edited by another node, or not from Invert to Noise, at Regenerate / Apply Key Flip",
+      "unchanged")
+def test_edited_noise(kf, tiny, key_pair, made):
+    models, _, _ = tiny
+    edited = dict(made.flipped, samples=made.flipped["samples"] * 1.01)
+    expect(kf.errors.InputMismatchError, "unchanged", kf.core_nodes.regenerate_latent, models["eps"], edited)
+    expect(kf.errors.InputMismatchError, "unchanged", kf.core_nodes.flip_latent, {"samples": torch.randn(1, 4, 8, 8)},
+           key_pair[0])
+
+
+@case("B26", "Latent without KeyFace info at Restore", "Restore needs the anonymized LATENT")
+def test_restore_plain_latent(kf, tiny, key_pair):
+    models, _, _ = tiny
+    expect(kf.errors.InputMismatchError, "Restore needs the anonymized LATENT", kf.core_nodes.restore_latent,
+           models["eps"], {"samples": torch.randn(1, 4, 8, 8)}, key_pair[0])
+
+
+@case("B27", "Other model, LoRA or patches at Restore (stored model fingerprint)", "different model")
+def test_restore_with_other_model(kf, tiny, key_pair, made):
+    models, _, _ = tiny
+    latent = load(kf, "bi_anon.png").args[1]
+    expect(kf.errors.InputMismatchError, "different model", kf.core_nodes.restore_latent, models["v"], latent,
+           key_pair[0])
+
+
+@case("B28", "Other prompt or CLIP at Restore (stored conditioning fingerprint)", "conditioning differs")
+def test_restore_with_other_prompt(kf, tiny, key_pair, made):
+    models, _, clip = tiny
+    latent = load(kf, "bi_anon.png").args[1]
+    other = clip.encode_from_tokens_scheduled(clip.tokenize("a different prompt"))
+    expect(kf.errors.InputMismatchError, "conditioning differs", kf.core_nodes.restore_latent, models["eps"],
+           latent, key_pair[0], positive=other)
+
+
+@case("B29", "cfg above 1 without a negative conditioning", "connect one or set cfg to 1.0")
+def test_cfg_without_negative(kf, tiny, made):
+    models, _, clip = tiny
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a face"))
+    expect(kf.errors.InputMismatchError, "connect one or set cfg to 1.0", kf.core_nodes.invert_latent,
+           models["eps"], made.latent, STEPS, "normal", "exact", 3.0, positive=positive)
+
+
+# ------------------------------------------------------------------------------------ keys
+
+@case("B30", "Wrong key at Restore (stored key check)", "does not match")
+def test_wrong_key(kf, tiny, key_pair, made):
+    models, _, _ = tiny
+    latent = load(kf, "bi_anon.png").args[1]
+    text = expect(kf.errors.WrongKeyError, "does not match", kf.core_nodes.restore_latent, models["eps"], latent,
+                  key_pair[1])
+    assert "allow_wrong_key" in text
+
+
+@case("B31", "Key file missing (e.g. a shared workflow names a key this server lacks)", "is not in")
+def test_missing_key_file(kf):
+    L = kf.core_nodes.LoadKey
+    message = L.validate_inputs("key file", "colleague.key")
+    assert isinstance(message, str) and "is not in" in message and "keygen" in message
+    expect(kf.errors.KeyMaterialError, "was not found", L.execute, "key file", "colleague.key", "KEYFACE_KEY", "key")
+    assert L.validate_inputs("key file", KEY_NAME) is True
+
+
+@case("B32", "No key file selected, or a path instead of a file name", "no key file selected")
+def test_no_key_file_selected(kf):
+    L = kf.core_nodes.LoadKey
+    for name in (kf.core_nodes.NO_KEYS, "../my_keyface.key", ""):
+        expect(kf.errors.KeyMaterialError, "no key file selected", L.execute, "key file", name, "KEYFACE_KEY", "key")
+
+
+@case("B33", "Key file of the wrong length or content (never echoed)", "64 hex digits")
+def test_key_file_wrong_length(kf):
+    folder = Path(os.environ["KEYFACE_KEYS_DIR"])
+    secret = "ab" * 31  # 62 hex digits: one byte short
+    (folder / "short.key").write_text(secret)
+    os.chmod(folder / "short.key", 0o600)
+    try:
+        text = expect(kf.errors.KeyMaterialError, "64 hex digits", kf.core_nodes.LoadKey.execute, "key file",
+                      "short.key", "KEYFACE_KEY", "key")
+        assert secret not in text
+    finally:
+        (folder / "short.key").unlink()
+
+
+@case("B34", "Key file readable by other users: loads, warns", "chmod 600")
+def test_key_file_too_open(kf, caplog):
+    folder = Path(os.environ["KEYFACE_KEYS_DIR"])
+    shutil.copy(folder / KEY_NAME, folder / "open.key")
+    os.chmod(folder / "open.key", 0o644)
+    try:
+        with caplog.at_level(logging.WARNING):
+            key = kf.core_nodes.LoadKey.execute("key file", "open.key", "KEYFACE_KEY", "key").args[0]
+        assert "chmod 600" in caplog.text and key.source
+        for form in key_forms():
+            assert form not in caplog.text
+    finally:
+        (folder / "open.key").unlink()
+
+
+@case("B35", "Environment variable unset, empty, or not a valid name", "is not set")
+def test_env_variable_unset(kf, monkeypatch):
+    monkeypatch.delenv("KEYFACE_TEST_UNSET", raising=False)
+    L = kf.core_nodes.LoadKey
+    expect(kf.errors.KeyMaterialError, "is not set", L.execute, "environment variable", "", "KEYFACE_TEST_UNSET", "key")
+    expect(kf.errors.KeyMaterialError, "variable name", L.execute, "environment variable", "", "not a name!", "key")
+
+
+@case("B36", "Environment variable holding something that is not a key (never echoed)", "not hex digits")
+def test_env_variable_unreadable(kf, monkeypatch):
+    monkeypatch.setenv("KEYFACE_TEST_BAD", "zz" * 32)
+    text = expect(kf.errors.KeyMaterialError, "not hex digits", kf.core_nodes.LoadKey.execute, "environment variable",
+                  "", "KEYFACE_TEST_BAD", "key")
+    assert "zz" * 32 not in text
+
+
+@case("B37", "Passphrase shorter than 12 characters", "too short")
+def test_short_passphrase(kf, monkeypatch):
+    monkeypatch.setenv("KEYFACE_TEST_PASS", "hunter2")
+    text = expect(kf.errors.KeyMaterialError, "too short", kf.core_nodes.LoadKey.execute, "environment variable", "",
+                  "KEYFACE_TEST_PASS", "passphrase")
+    assert "hunter2" not in text
+
+
+@case("B38", "No key connected to Apply Key Flip", "connect a KEYFACE_KEY")
+def test_no_key_connected(kf, made):
+    expect(kf.errors.KeyMaterialError, "connect a KEYFACE_KEY", kf.core_nodes.flip_latent, made.noise, None)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+@case("B39", "Output folder cannot be created (a file is in the way, read-only disk)", "nothing was written")
+def test_output_folder_not_creatable(kf, made):
+    (made.output / "blocked").write_text("a file where the folder should be")
+    before = files_in(made.output)
+    text = expect(kf.errors.KeyFaceError, "nothing was written", kf.face_nodes.SaveAnonymized.execute,
+                  made.image, made.faces, made.anon, "blocked/anon", True)
+    assert "output folder" in text
+    assert files_in(made.output) == before
+
+
+@case("B43", "filename_prefix leading outside the output folder, or empty", "inside ComfyUI's output folder")
+def test_prefix_outside_output(kf, made):
+    before = files_in(made.output.parent)
+    for prefix in ("../escaped/anon", "/tmp/anon", "  "):
+        expect(kf.errors.KeyFaceError, "inside ComfyUI's output folder", kf.face_nodes.SaveAnonymized.execute,
+               made.image, made.faces, made.anon, prefix, True)
+    assert files_in(made.output.parent) == before
+
+
+@case("B40", "Output folder not writable or disk full while saving", "is writable and has free space")
+def test_output_not_writable(kf, made, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    before = files_in(made.output)
+    expect(kf.errors.KeyFaceError, "is writable and has free space", kf.face_nodes.SaveAnonymized.execute,
+           made.image, made.faces, made.anon, "badinput/anon", True)
+    assert files_in(made.output) == before
+
+
+@case("B41", "Run stopped while saving (Ctrl-C, server shutdown)", "no partial file")
+def test_interrupt_while_saving(kf, made, monkeypatch):
+    def save_then_stop(self, fp, *args, **kwargs):
+        if hasattr(fp, "write"):
+            fp.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", save_then_stop)
+    before = files_in(made.output)
+    with pytest.raises(KeyboardInterrupt):
+        kf.face_nodes.SaveAnonymized.execute(made.image, made.faces, made.anon, "badinput/anon", True)
+    monkeypatch.undo()
+    assert files_in(made.output) == before  # "no partial file": neither the target nor the temporary file
+
+
+@case("B42", "Run interrupted while sampling (through ComfyUI's executor)", "execution_interrupted")
+def test_interrupt_while_sampling_writes_nothing(host, kf):
+    import comfy.model_management
+    import comfy.utils
+    from test_workflows import load_api, run
+    _, work = host
+    before = files_in(work / "output")
+    ticks = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def interrupt_midway(value, total, preview, node_id=None):
+        ticks.append(value)
+        if len(ticks) == 5:
+            comfy.model_management.interrupt_current_processing(True)
+        if previous is not None:
+            previous(value, total, preview, node_id)
+    comfy.utils.set_progress_bar_global_hook(interrupt_midway)
+    try:
+        executor, server = run(load_api("keyface_anonymize"))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        comfy.model_management.interrupt_current_processing(False)
+    events = [event for event, _ in executor.status_messages]
+    assert not executor.success and "execution_interrupted" in events, events
+    assert files_in(work / "output") == before
+
+
+def test_readme_table_matches_the_tests():
+    """The README's bad-input table has exactly these rows, each stating what its test checks."""
+    text = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (B\d\d) \| (.+) \|$", text, flags=re.M))
+    assert set(rows) == set(CASES), sorted(set(rows) ^ set(CASES))
+    for case_id, (kind, says) in CASES.items():
+        assert says in rows[case_id], f"{case_id}: README row should quote {says!r}"
+    assert len(CASES) >= 20
