@@ -10,7 +10,6 @@ pixel-exact background) are real, the "faces" it generates are noise. Bring a re
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 

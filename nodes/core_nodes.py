@@ -14,9 +14,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..keyface_core import sampling as core
-from ..keyface_core.errors import InputMismatchError, KeyFaceError, KeyMaterialError, WrongKeyError
+from ..keyface_core.errors import InputMismatchError, KeyMaterialError, WrongKeyError
 from ..keyface_core.flip import apply_flip, flip_context, sign_pattern
-from ..keyface_core.keys import KEY_FILE_SUFFIX, check_matches, key_check_value, key_from_env, load_key_file, new_nonce
+from ..keyface_core.keys import check_matches, key_check_value, key_from_env, load_key_file, new_nonce
 from ..keyface_core.masks import latent_mask
 from . import model_adapter as adapter
 from .latent_info import (INFO_KEY, KeyFaceInfo, Settings, background_for, check_batch, check_not_empty, info_of,
