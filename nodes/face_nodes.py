@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -255,6 +256,31 @@ def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=
     return {"samples": samples, INFO_KEY: info}, faces, exact
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".avif")
+# Words of a file name that say nothing about who is in it (camera prefixes, our own names, fillers).
+_NEUTRAL_WORDS = frozenset({"keyface", "anonymized", "anonymised", "anon", "face", "faces", "image", "images", "photo",
+                            "photos", "input", "output", "copy", "final", "crop", "crops", "restored", "sample", "img",
+                            "dsc", "dscn", "dscf", "pxl", "pic", "pict", "jpg", "png", "new", "old", "edit", "edited",
+                            "and", "the", "with", "from", "for", "scan", "screenshot", "portrait", "picture"})
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 3 and not w.isdigit()}
+
+
+def prefix_repeats_source_name(prefix: str, prompt) -> bool:
+    """True when the output prefix repeats a word of an image file name the graph loads ('obama_portrait.jpg')."""
+    if not isinstance(prompt, dict):
+        return False
+    sources = set()
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        for value in (inputs or {}).values():
+            if isinstance(value, str) and value.lower().split(" [")[0].endswith(_IMAGE_SUFFIXES):
+                sources |= _words(Path(value.split(" [")[0]).stem)
+    return bool((sources - _NEUTRAL_WORDS) & _words(prefix))
+
+
 def anonymized_file_path(prefix: str, image_hw) -> Path:
     """Next free output path for the prefix (ComfyUI's counter); never derived from the source file name."""
     output = folder_paths.get_output_directory()
@@ -355,6 +381,7 @@ class SaveAnonymized(io.ComfyNode):
                                          "for exact restore. Without it, restore re-encodes pixels: approximate."),
             ],
             outputs=[],
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
@@ -362,6 +389,11 @@ class SaveAnonymized(io.ComfyNode):
         info = info_of(latent)
         if info is None or info.kind != "latent":
             raise InputMismatchError("Save Anonymized needs Regenerate's LATENT output, unchanged.")
+        hidden = getattr(cls, "hidden", None)
+        if prefix_repeats_source_name(filename_prefix, getattr(hidden, "prompt", None)):
+            raise InputMismatchError("filename_prefix repeats a word of the source image's file name, which can "
+                                     "name the person; use a neutral prefix such as keyface/anonymized. Nothing was "
+                                     "written.")
         image = _rgb(image)
         _check_image(image, faces)
         pixels = _to_uint8(image[0])

@@ -529,6 +529,29 @@ def test_interrupt_while_sampling_writes_nothing(host, kf):
     assert files_in(work / "output") == before
 
 
+@case("B44", "filename_prefix repeating a word of the source file name ('obama_anon' for obama.jpg)",
+      "repeats a word of the source image's file name")
+def test_revealing_prefix_is_refused(host, kf):
+    from test_workflows import load_api, run
+    _, work = host
+    prompt = load_api("keyface_anonymize")
+    shutil.copy(work / "input" / "keyface_sample_face.jpg", work / "input" / "Jane_Doe-2024.jpg")
+    for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "Jane_Doe-2024.jpg"
+        if node["class_type"] == "KeyFaceSaveAnonymized":
+            node["inputs"]["filename_prefix"] = "keyface/jane_anon"
+    before = files_in(work / "output")
+    executor, _ = run(prompt)
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert errors and "repeats a word of the source image's file name" in errors[0]["exception_message"]
+    assert errors[0]["node_type"] == "KeyFaceSaveAnonymized"
+    assert files_in(work / "output") == before
+    check = kf.face_nodes.prefix_repeats_source_name
+    assert not check("keyface/anonymized", prompt) and not check("people/anon", prompt)
+    assert check("DOE", prompt) and not check("keyface/jane", {"1": {"inputs": {"text": "jane"}}})
+
+
 def test_readme_table_matches_the_tests():
     """The README's bad-input table has exactly these rows, each stating what its test checks."""
     text = (REPO / "README.md").read_text()
