@@ -72,6 +72,7 @@ class Stats:
     model_calls: int = 0
     residuals: list = field(default_factory=list)   # per implicit solve: final relative residual
     iterations: list = field(default_factory=list)  # per implicit solve: model calls it took
+    last_denoised: Optional[torch.Tensor] = field(default=None, repr=False)  # latest x0 estimate, for previews
 
 
 class _Counter:
@@ -82,7 +83,9 @@ class _Counter:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         self.stats.model_calls += 1
-        return self.denoise(x, sigma).to(x.dtype)
+        denoised = self.denoise(x, sigma).to(x.dtype)
+        self.stats.last_denoised = denoised
+        return denoised
 
 
 def _hold(background: Optional[Background], x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

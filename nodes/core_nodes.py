@@ -11,6 +11,7 @@ import torch
 import comfy.samplers
 import comfy.utils
 import folder_paths
+import latent_preview
 from comfy_api.latest import io
 
 from ..keyface_core import sampling as core
@@ -82,11 +83,19 @@ def _mask_for(mask, samples: torch.Tensor):
     return check_batch("mask", lm, samples.shape[0])
 
 
-def _run(model, positive, negative, cfg, samples, sigmas, ticks, body):
-    """Run a core algorithm under ComfyUI's sampling machinery, one progress tick per step."""
+def _run(model, positive, negative, cfg, samples, sigmas, ticks, body, stats: core.Stats):
+    """Run a core algorithm under ComfyUI's sampling machinery: one progress tick per step, with the same
+    live preview KSampler shows (ComfyUI's --preview-method; none by default, then it costs nothing)."""
     pbar = comfy.utils.ProgressBar(ticks)
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def progress(info):
+        image = None
+        if previewer is not None and stats.last_denoised is not None:
+            image = previewer.decode_latent_to_preview_image("JPEG", stats.last_denoised.to(torch.float32))
+        pbar.update_absolute(min(int(info["step"]), ticks), ticks, image)
     return adapter.run_core(model, positive, negative, cfg, tuple(samples.shape), sigmas,
-                            lambda denoise: body(denoise, lambda info: pbar.update(1)))
+                            lambda denoise: body(denoise, progress))
 
 
 def _check_model(model, settings: Settings, what: str):
@@ -126,7 +135,7 @@ def invert_latent(model, latent: dict, steps: int, scheduler: str, mode: str, cf
 
     def body(denoise, progress):
         return core.invert(denoise, clean, sigmas, mode, background=background, progress=progress, stats=stats)
-    noise = _run(model, positive, negative, cfg, samples, sigmas, steps, body)
+    noise = _run(model, positive, negative, cfg, samples, sigmas, steps, body, stats)
     out_samples = adapter.to_latent_space(model, noise.x)
     out = KeyFaceInfo("noise", settings, noise.x, noise.residual,
                       out_samples, nonces, tuple(face_indices if face_indices is not None else range(batch)),
@@ -193,7 +202,7 @@ def regenerate_latent(model, latent: dict, positive=None, negative=None) -> tupl
 
     def body(denoise, progress):
         return core.regenerate(denoise, noise, settings.sigmas, settings.method, background=background, progress=progress, stats=stats)
-    clean = _run(model, positive, negative, settings.cfg, latent["samples"], settings.sigmas, settings.steps, body)
+    clean = _run(model, positive, negative, settings.cfg, latent["samples"], settings.sigmas, settings.steps, body, stats)
     samples = adapter.to_latent_space(model, clean.x)
     out = info.with_(kind="latent", state=clean.x, second=clean.partner, samples=samples)
     return make_latent(latent, samples, out), stats

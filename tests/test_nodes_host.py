@@ -148,3 +148,24 @@ def test_key_object_never_shows_its_bytes(kf, key_pair):
     with pytest.raises(TypeError):
         import pickle
         pickle.dumps(key)
+
+
+def test_live_previews_like_ksampler(tiny, kf, key_pair, image_latent, monkeypatch):
+    """With ComfyUI's --preview-method set, Invert/Regenerate send a preview image with each step, as KSampler does."""
+    import comfy.utils
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod
+    models, _, _ = tiny
+    C = kf.core_nodes
+    monkeypatch.setattr(latent_preview.args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total, preview)))
+    try:
+        noise, _ = C.invert_latent(models["eps"], image_latent, 5, "normal", "exact", 1.0)
+        C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert [v for v, _, _ in seen] == [1, 2, 3, 4, 5] * 2 and {t for _, t, _ in seen} == {5}
+    fmt, image, size = seen[-1][2]
+    assert fmt == "JPEG" and image.size[0] > 0
