@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ KeyFaceKey = io.Custom("KEYFACE_KEY")
 CATEGORY = "KeyFace"
 KEYS_FOLDER = "keyface_keys"
 NO_KEYS = "(no key files: run python -m keyface_core.keygen NAME)"
+_FINGERPRINT_SALT = secrets.token_bytes(32)
 
 MODE_TOOLTIP = ("exact: two-state BDIA leapfrog in float64, one model call per step, restores to float rounding "
                 "(the noise carries a second state; Regenerate and Restore use it). "
@@ -280,7 +283,8 @@ class LoadKey(io.ComfyNode):
                 return f"{path}:{st.st_mtime_ns}:{st.st_size}"
             except OSError:
                 return f"{path}:missing"
-        return f"env:{variable}:{hashlib.sha256(os.environ.get(variable, '').encode()).hexdigest()[:8]}"
+        # Keyed with a per-process random salt: even in memory, the cache key says nothing about the value.
+        return f"env:{variable}:{hmac.new(_FINGERPRINT_SALT, os.environ.get(variable, '').encode(), 'sha256').hexdigest()}"
 
     @classmethod
     def validate_inputs(cls, source, key_file):

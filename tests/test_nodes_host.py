@@ -169,3 +169,18 @@ def test_live_previews_like_ksampler(tiny, kf, key_pair, image_latent, monkeypat
     assert [v for v, _, _ in seen] == [1, 2, 3, 4, 5] * 2 and {t for _, t, _ in seen} == {5}
     fmt, image, size = seen[-1][2]
     assert fmt == "JPEG" and image.size[0] > 0
+
+
+def test_load_key_reruns_when_the_secret_changes_and_its_cache_key_reveals_nothing(kf, monkeypatch):
+    import hashlib
+    L = kf.core_nodes.LoadKey
+    value = "ab" * 32
+    monkeypatch.setenv("KEYFACE_TEST_FP", value)
+    first = L.fingerprint_inputs("environment variable", "", "KEYFACE_TEST_FP", "key")
+    assert first == L.fingerprint_inputs("environment variable", "", "KEYFACE_TEST_FP", "key")
+    for hidden in (value, hashlib.sha256(value.encode()).hexdigest()[:8]):
+        assert hidden not in first
+    monkeypatch.setenv("KEYFACE_TEST_FP", "cd" * 32)
+    assert L.fingerprint_inputs("environment variable", "", "KEYFACE_TEST_FP", "key") != first
+    on_disk = L.fingerprint_inputs("key file", "my_keyface.key", "", "key")
+    assert "my_keyface.key" in on_disk and "missing" not in on_disk
