@@ -145,3 +145,122 @@ def register_test_nodes() -> None:
     nodes = comfy_host.boot()
     nodes.NODE_CLASS_MAPPINGS["KeyFaceDevTinyCheckpoint"] = TinyCheckpointLoader
     nodes.NODE_DISPLAY_NAME_MAPPINGS["KeyFaceDevTinyCheckpoint"] = "Tiny Checkpoint (KeyFace dev)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny SDXL, SD3 (MMDiT) and Flux: ComfyUI's own model classes, latent formats and model sampling
+# ----------------------------------------------------------------------------------------------
+
+# Sizes of the tiny text-encoder outputs each architecture expects (real sizes in comments).
+TINY_CONTEXT = {"sdxl": 32, "sd3": 32, "flux": 32}      # 2048, 4096, 4096
+TINY_POOLED = {"sdxl": 32, "sd3": 32, "flux": 32}       # 1280, 2048, 768
+TINY_TOKENS = {"sdxl": 77, "sd3": 77, "flux": 16}       # 77, 77 + T5 tokens, T5 tokens (256/512)
+SDXL_ADM_EXTRA = 6 * 256   # six Timestep(256) size/crop embeddings model_base.SDXL.encode_adm appends to the pool
+
+
+def _patched(model_config, seed: int, buffers=None):
+    """Build the model from its config, seed every parameter (and `buffers(model)`), wrap in a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device="cpu")
+    seed_parameters(base.diffusion_model, seed)
+    if buffers is not None:
+        with torch.no_grad():
+            buffers(base.diffusion_model)
+    base.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def sdxl_model(seed: int = 0):
+    """A ModelPatcher around a tiny SDXL-architecture UNet (model_base.SDXL, eps, SDXL latent format).
+
+    Like SDXL: no attention at the first level, linear transformer projections, 64-channel heads, a
+    'sequential' ADM embedding fed by the pooled text embedding plus six size/crop embeddings, so the
+    conditioning must carry ``pooled_output`` (width/height/crop default as in ComfyUI).
+    """
+    comfy_host.boot()
+    import comfy.supported_models
+
+    config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "num_classes": "sequential", "adm_in_channels": TINY_POOLED["sdxl"] + SDXL_ADM_EXTRA, "dtype": torch.float32,
+        "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "transformer_depth": [0, 1],
+        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+        "context_dim": TINY_CONTEXT["sdxl"], "num_head_channels": 32, "transformer_depth_output": [0, 0, 1, 1],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+    class TinySDXL(comfy.supported_models.SDXL):
+        unet_config = {k: config[k] for k in ("model_channels", "use_linear_in_transformer", "context_dim",
+                                              "adm_in_channels", "use_temporal_attention")}
+        unet_extra_config = {"num_heads": -1, "num_head_channels": config["num_head_channels"]}
+
+    return _patched(TinySDXL(config), seed)
+
+
+def sd3_model(seed: int = 0):
+    """A ModelPatcher around a tiny SD3-architecture MMDiT (model_base.SD3, rectified flow with shift 3, SD3
+    16-channel latent format with scale and shift). MMDiT fixes the width at 64 * depth: depth 1 gives one
+    64-wide head; two joint blocks so one is a full block and the last is context pre-only, like SD3."""
+    comfy_host.boot()
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
+
+    max_size = 16    # SD3: 192 (a 384x384 patch grid of stored positions, cropped to the image)
+    config = {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "num_blocks": 2, "input_size": None,
+        "adm_in_channels": TINY_POOLED["sd3"],
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": TINY_CONTEXT["sd3"], "out_features": 64}},
+        "num_patches": max_size * max_size, "pos_embed_max_size": max_size, "pos_embed_scaling_factor": None,
+        "x_block_self_attn_layers": [], "dtype": torch.float32,
+    }
+
+    class TinySD3(comfy.supported_models.SD3):
+        unet_config = {"in_channels": 16, "pos_embed_scaling_factor": None}
+
+    def positions(model):
+        # The checkpoint's fixed sin-cos table (a buffer, so seed_parameters does not reach it).
+        model.pos_embed.copy_(get_2d_sincos_pos_embed_torch(model.hidden_size, max_size, max_size).unsqueeze(0))
+
+    return _patched(TinySD3(config), seed, positions)
+
+
+def flux_model(seed: int = 0):
+    """A ModelPatcher around a tiny Flux-dev-architecture transformer (model_base.Flux: 2x2 patches, RoPE,
+    guidance embedding, pooled vector input; ModelSamplingFlux; Flux 16-channel latent format with scale and
+    shift). One double-stream and one single-stream block, width 64, two heads."""
+    comfy_host.boot()
+    import comfy.supported_models
+
+    config = {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": TINY_POOLED["flux"],
+        "context_in_dim": TINY_CONTEXT["flux"], "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+        "guidance_embed": True, "dtype": torch.float32,
+    }
+
+    class TinyFlux(comfy.supported_models.Flux):
+        unet_config = {"image_model": "flux", "guidance_embed": True}
+
+    return _patched(TinyFlux(config), seed)
+
+
+ARCHITECTURES = {"sdxl": sdxl_model, "sd3": sd3_model, "flux": flux_model}
+
+
+def conditioning(arch: str, seed: int = 0, guidance: float = 3.5):
+    """A CONDITIONING list for `arch`'s tiny model, from seeded random tensors: what the matching text
+    encoder node would give. SDXL: cross-attention + pooled_output (like CLIPTextEncode on an SDXL CLIP);
+    SD3: the same with SD3's sizes; Flux: T5-like tokens + CLIP-L pool + ``guidance`` (as FluxGuidance sets it)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}")
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    cross_attn = torch.randn([1, TINY_TOKENS[arch], TINY_CONTEXT[arch]], generator=generator)
+    extra = {"pooled_output": torch.randn([1, TINY_POOLED[arch]], generator=generator)}
+    if arch == "flux":
+        extra["guidance"] = guidance
+    return [[cross_attn, extra]]

@@ -52,8 +52,43 @@ def key_file_names() -> list[str]:
     return names or [NO_KEYS]
 
 
+COND_ID_PREFIX = "c2-"  # conditioning fingerprints without it were made by KeyFace before scalars were hashed
+
+
+def _hash_cond_value(digest, value) -> None:
+    """Feed one conditioning value to the digest: tensors by value, plain data by repr, objects by type."""
+    if isinstance(value, torch.Tensor):
+        digest.update(b"T" + str(tuple(value.shape)).encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        digest.update(b"V" + repr(value).encode())
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"L%d" % len(value))
+        for item in value:
+            _hash_cond_value(digest, item)
+    elif isinstance(value, dict):
+        digest.update(b"D%d" % len(value))
+        for name in sorted(value, key=str):
+            digest.update(b"K" + str(name).encode())
+            _hash_cond_value(digest, value[name])
+    else:  # ControlNet, hooks, ...: their identity changes every run; only the kind is stable
+        digest.update(b"O" + type(value).__qualname__.encode())
+
+
 def _conditioning_id(positive, negative) -> str:
-    """Fingerprint of the conditioning, so Regenerate/Restore can refuse a different prompt."""
+    """Fingerprint of the conditioning (tensors and settings such as Flux guidance or SDXL size), so
+    Regenerate/Restore can refuse a different prompt."""
+    digest = hashlib.sha256(b"keyface/conditioning/v2")
+    for cond in (positive, negative):
+        for entry in cond or []:
+            _hash_cond_value(digest, entry[0])
+            _hash_cond_value(digest, dict(entry[1]))
+        digest.update(b"|")
+    return COND_ID_PREFIX + digest.hexdigest()[:16]
+
+
+def _legacy_conditioning_id(positive, negative) -> str:
+    """The first fingerprint (tensors only), kept so images saved with it still restore."""
     digest = hashlib.sha256()
     for cond in (positive, negative):
         for entry in cond or []:
@@ -64,6 +99,14 @@ def _conditioning_id(positive, negative) -> str:
                     digest.update(name.encode() + value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:16]
+
+
+def _conditioning_matches(stored, positive, negative) -> bool:
+    if not stored:
+        return True  # nothing recorded to compare with
+    if str(stored).startswith(COND_ID_PREFIX):
+        return _conditioning_id(positive, negative) == stored
+    return _legacy_conditioning_id(positive, negative) == stored
 
 
 def _conds(model, positive, negative, cfg):
@@ -190,7 +233,7 @@ def regenerate_latent(model, latent: dict, positive=None, negative=None) -> tupl
     settings = info.settings
     _check_model(model, settings, "noise")
     positive, negative = _conds(model, positive, negative, settings.cfg)
-    if _conditioning_id(positive, negative) != info.extra.get("cond_id"):
+    if not _conditioning_matches(info.extra.get("cond_id"), positive, negative):
         raise InputMismatchError("the conditioning differs from the one used by Invert to Noise; connect the same "
                                  "positive/negative conditioning (same prompt, same CLIP).")
     dtype = core.state_dtype(settings.method)
@@ -225,8 +268,7 @@ def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=
                                     "pick the right key, or enable allow_wrong_key to see what a wrong key gives.")
     settings = info.settings
     _check_model(model, settings, "anonymized latent")
-    stored_cond = info.extra.get("cond_id")
-    if stored_cond and _conditioning_id(*_conds(model, positive, negative, settings.cfg)) != stored_cond:
+    if not _conditioning_matches(info.extra.get("cond_id"), *_conds(model, positive, negative, settings.cfg)):
         raise InputMismatchError("the conditioning differs from the one used when anonymizing; connect the same "
                                  "positive/negative conditioning (same prompt, same CLIP) as the anonymizing run.")
     noise_latent, inv_stats = invert_latent(

@@ -18,6 +18,7 @@ import comfy.model_sampling
 import comfy.samplers
 
 from ..keyface_core import sampling as core
+from ..keyface_core.errors import InputMismatchError
 
 
 def _one_cond_at_a_time(args: dict) -> list:
@@ -136,7 +137,13 @@ def run_core(model_patcher, positive, negative, cfg: float, shape: tuple, sigmas
     zeros = torch.zeros(shape, dtype=torch.float32)
     # The guider's own noise scaling is bypassed: our sampler ignores `noise` and returns a dummy.
     with torch.no_grad():
-        guider.sample(zeros, zeros, sampler, sigmas.to(torch.float32), disable_pbar=True, seed=0)
+        try:
+            guider.sample(zeros, zeros, sampler, sigmas.to(torch.float32), disable_pbar=True, seed=0)
+        except KeyError as err:
+            if err.args and err.args[0] == "pooled_output":  # SDXL/SD3/Flux read it; ComfyUI raises a bare KeyError
+                raise InputMismatchError("this model needs a pooled text embedding in its conditioning; connect a "
+                                         "CLIP Text Encode made with this checkpoint's CLIP.") from None
+            raise
     return sampler.result
 
 
