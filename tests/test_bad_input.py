@@ -361,6 +361,22 @@ def test_restore_with_other_prompt(kf, tiny, key_pair, made):
            latent, key_pair[0], positive=other)
 
 
+@case("B45", "SDXL/SD3/Flux conditioning without its pooled text embedding, or other Flux guidance at Restore",
+      "pooled text embedding")
+def test_conditioning_for_another_model(kf, key_pair):
+    from keyface_dev import tiny_models
+    model, positive = tiny_models.flux_model(0), tiny_models.conditioning("flux", 0)
+    (cross, extra), = positive
+    latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
+    bare = [[cross, {k: v for k, v in extra.items() if k != "pooled_output"}]]
+    expect(kf.errors.InputMismatchError, "pooled text embedding", kf.core_nodes.invert_latent, model, latent, 2,
+           "normal", "exact", 1.0, positive=bare)
+    noise, _ = kf.core_nodes.invert_latent(model, latent, 2, "normal", "exact", 1.0, positive=positive)
+    anon, _ = kf.core_nodes.regenerate_latent(model, kf.core_nodes.flip_latent(noise, key_pair[0]), positive=positive)
+    expect(kf.errors.InputMismatchError, "conditioning differs", kf.core_nodes.restore_latent, model, anon,
+           key_pair[0], positive=[[cross, dict(extra, guidance=1.0)]])
+
+
 @case("B29", "cfg above 1 without a negative conditioning", "connect one or set cfg to 1.0")
 def test_cfg_without_negative(kf, tiny, made):
     models, _, clip = tiny
