@@ -459,6 +459,17 @@ def load_anonymized(path, metadata_path=None, vae=None):
     return tensor, latent, faces, warnings
 
 
+def _comfy_file(name: str, what: str) -> str:
+    """Path of an input/output/temp file named the ComfyUI way ("x.png", "x.png [output]"); never outside them."""
+    path = os.path.realpath(folder_paths.get_annotated_filepath(name))
+    roots = [os.path.realpath(d) for d in (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+                                           folder_paths.get_temp_directory())]
+    if not any(os.path.commonpath((root, path)) == root for root in roots):
+        raise InputMismatchError(f"the {what} '{name}' is outside ComfyUI's input, output and temp folders; upload "
+                                 "the file (or put it in the input folder) and pick it from the list.")
+    return path
+
+
 def _file_fingerprint(path: str) -> str:
     try:
         st = os.stat(path)
@@ -490,8 +501,8 @@ class LoadAnonymized(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae=None, metadata=SAME_FILE) -> io.NodeOutput:
-        path = folder_paths.get_annotated_filepath(image)
-        metadata_path = None if metadata in (None, SAME_FILE) else folder_paths.get_annotated_filepath(metadata)
+        path = _comfy_file(image, "image")
+        metadata_path = None if metadata in (None, SAME_FILE) else _comfy_file(metadata, "metadata file")
         tensor, latent, faces, warnings = load_anonymized(path, metadata_path, vae)
         for warning in warnings:
             log.warning("KeyFace: %s", warning)
@@ -506,10 +517,15 @@ class LoadAnonymized(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image, vae=None, metadata=SAME_FILE):
-        if not folder_paths.exists_annotated_filepath(image):
-            return f"Invalid image file: {image}"
-        if metadata not in (None, SAME_FILE) and not folder_paths.exists_annotated_filepath(metadata):
-            return f"Invalid metadata file: {metadata}"
+        for name, what in ((image, "image"), (metadata, "metadata file")):
+            if what == "metadata file" and name in (None, SAME_FILE):
+                continue
+            try:
+                path = _comfy_file(name, what)
+            except InputMismatchError as err:
+                return str(err)
+            if not os.path.isfile(path):
+                return f"the {what} '{name}' was not found in ComfyUI's input folder; upload it and pick it again."
         return True
 
 

@@ -153,6 +153,19 @@ def test_truncated_file(kf, made):
     expect(kf.errors.KeyFaceError, "not an image file", load, kf, name)
 
 
+@case("B46", "Image or metadata file named outside ComfyUI's folders (API prompt with a path)",
+      "outside ComfyUI's input, output and temp folders")
+def test_file_outside_comfy_folders(kf, made):
+    L = kf.face_nodes.LoadAnonymized
+    for name in ("../../etc/passwd", "/etc/hostname", "../keys/my_keyface.key"):
+        message = L.validate_inputs(name)
+        assert isinstance(message, str) and "outside ComfyUI's input, output and temp folders" in message
+        expect(kf.errors.InputMismatchError, "outside ComfyUI's input, output and temp folders", load, kf, name)
+    assert "outside" in L.validate_inputs("bi_anon.png", metadata="../../etc/passwd")
+    assert "was not found" in L.validate_inputs("no_such_file.png")
+    assert L.validate_inputs("bi_anon.png") is True
+
+
 @case("B07", "JPEG copy (metadata lost) given alone", "lossy-compressed")
 def test_jpeg_copy_alone(kf, made):
     Image.open(made.saved).convert("RGB").save(made.input / "bi_copy.jpg", quality=90)
