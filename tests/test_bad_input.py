@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from PIL import Image
 
@@ -589,3 +591,33 @@ def test_readme_table_matches_the_tests():
     for case_id, (kind, says) in CASES.items():
         assert says in rows[case_id], f"{case_id}: README row should quote {says!r}"
     assert len(CASES) >= 20
+
+
+SETTING_NAMES = ["steps", "scheduler", "method", "cfg", "model_id", "sigmas", "latent_shape", "crop_size",
+                 "latent_scale", "latent_shift", "cond_id", "pixels_sha256"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(SETTING_NAMES), value=JSON_VALUES, drop=st.booleans())
+def test_fuzz_stored_settings_only_give_keyface_errors(kf, tiny, key_pair, made, name, value, drop):
+    """Any value (or none) in any stored setting: Load Anonymized and Restore either work or raise a KeyFaceError."""
+    models, _, _ = tiny
+    record = kf.metadata.read_png(made.saved)[1]
+    if drop:
+        record.settings.pop(name)
+    else:
+        record.settings[name] = value
+    path = made.input / "bi_fuzz.png"
+    try:
+        kf.metadata.write_png_atomic(path, np.array(Image.open(made.saved).convert("RGB")), record, overwrite=True)
+        with torch.inference_mode():
+            _, latent, _ = load(kf, path.name).args
+            kf.core_nodes.restore_latent(models["eps"], latent, key_pair[0])
+    except kf.errors.KeyFaceError as err:
+        for form in key_forms():
+            assert form not in str(err)
