@@ -312,7 +312,7 @@ class LoadKey(io.ComfyNode):
                                tooltip="key: 64 hex digits (256-bit, recommended). passphrase: any text of 12+ characters, "
                                        "stretched with scrypt and a per-image salt."),
             ],
-            outputs=[KeyFaceKey.Output(display_name="key")],
+            outputs=[KeyFaceKey.Output(display_name="key", tooltip="The secret, kept on the server; it prints only as its source name and is never stored in LATENTs, images or workflows.")],
         )
 
     @classmethod
@@ -367,10 +367,13 @@ class InvertToNoise(io.ComfyNode):
             description="Runs the diffusion ODE backwards: image latent -> the noise the model would turn into it. "
                         "The output is an ordinary LATENT; it also carries what Regenerate needs to match it exactly.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="Your checkpoint's MODEL (with any LoRA/patches); Regenerate and "
+                                                "Restore must get exactly the same."),
                 io.Latent.Input("latent", tooltip="Image latent (VAE Encode). A noise_mask on it restricts the change to the mask."),
                 io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Same steps in Regenerate/Restore (they read it from the latent)."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
+                               tooltip="ComfyUI scheduler for the noise levels; the schedule is stored, so Regenerate "
+                                       "and Restore replay it exactly."),
                 io.Combo.Input("mode", options=list(core.METHODS), default="exact", tooltip=MODE_TOOLTIP),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance while inverting; 1.0 is most exact. Regenerate reuses it."),
@@ -378,7 +381,8 @@ class InvertToNoise(io.ComfyNode):
                 io.Mask.Input("mask", optional=True, tooltip="Face mask: only this region is inverted and later regenerated; "
                                                             "outside it the latent is held to a public background trajectory."),
             ],
-            outputs=[io.Latent.Output(display_name="noise")],
+            outputs=[io.Latent.Output(display_name="noise", tooltip="The inverted noise (an ordinary LATENT) plus "
+                                                                    "what Regenerate needs to match it exactly.")],
         )
 
     @classmethod
@@ -396,11 +400,13 @@ class ApplyKeyFlip(io.ComfyNode):
                         "image's nonce) determines. Applying it twice is exactly the identity: the same node undoes it.",
             inputs=[
                 io.Latent.Input("noise", tooltip="Noise from Invert to Noise."),
-                KeyFaceKey.Input("key"),
+                KeyFaceKey.Input("key", tooltip="From Load Key. The flip pattern also depends on this image's random "
+                                                "nonce, so no two images share one."),
                 io.Mask.Input("mask", optional=True, tooltip="Where to flip; default: the mask given to Invert to Noise, "
                                                             "or everywhere. Values >= 0.5 count as inside."),
             ],
-            outputs=[io.Latent.Output(display_name="noise")],
+            outputs=[io.Latent.Output(display_name="noise", tooltip="The key-scrambled noise; feed it to Regenerate. "
+                                                                    "Flipping it again with the same key undoes it.")],
         )
 
     @classmethod
@@ -415,8 +421,11 @@ class Regenerate(io.ComfyNode):
             node_id="KeyFaceRegenerate", display_name="Regenerate", category=CATEGORY,
             description="Runs the deterministic sampler from the noise back to an image latent, with the settings "
                         "Invert to Noise recorded (steps, scheduler, mode, cfg, mask).",
-            inputs=[io.Model.Input("model"), io.Latent.Input("noise"), *_common_inputs()],
-            outputs=[io.Latent.Output(display_name="latent")],
+            inputs=[io.Model.Input("model", tooltip="The same MODEL as Invert to Noise (checked)."),
+                    io.Latent.Input("noise", tooltip="Apply Key Flip's output (or Invert to Noise's), unchanged."),
+                    *_common_inputs()],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The anonymized image latent: VAE Decode it, "
+                                                                     "and give it to Save Anonymized as the payload.")],
         )
 
     @classmethod
@@ -435,14 +444,16 @@ class Restore(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The same checkpoint (and patches) as the anonymizing run."),
                 io.Latent.Input("latent", tooltip="Anonymized latent: Regenerate's output or Load Anonymized's."),
-                KeyFaceKey.Input("key"),
+                KeyFaceKey.Input("key", tooltip="The key that anonymized the image; a different key is refused "
+                                                "(its check value does not match) unless allow_wrong_key is on."),
                 *_common_inputs(),
                 io.Mask.Input("mask", optional=True, tooltip="Override the stored mask (normally leave empty)."),
                 io.Boolean.Input("allow_wrong_key", default=False, optional=True,
                                  tooltip="Run even when the key's check value does not match: shows the different "
                                          "person a wrong key produces."),
             ],
-            outputs=[io.Latent.Output(display_name="restored")],
+            outputs=[io.Latent.Output(display_name="restored", tooltip="The original face latent: VAE Decode it, "
+                                                                       "then Paste Faces into the loaded image.")],
         )
 
     @classmethod

@@ -310,17 +310,20 @@ class FaceMask(io.ComfyNode):
             description="Finds faces with dlib (bundled models, no download) and makes a soft face-skin mask per face, "
                         "plus the square crop each face will be anonymized in.",
             inputs=[
-                io.Image.Input("image"),
+                io.Image.Input("image", tooltip="One photo (RGB, RGBA or grayscale; alpha is ignored)."),
                 io.Int.Input("crop_size", default=512, min=64, max=4096, step=64,
                              tooltip="Working resolution of each face crop: 512 for SD1.5, 1024 for SDXL/SD3/Flux."),
                 io.Float.Input("context", default=2.0, min=1.2, max=4.0, step=0.1,
                                tooltip="Crop side as a multiple of the face size (more context = more coherent face)."),
                 io.Float.Input("feather", default=0.06, min=0.0, max=0.25, step=0.01,
                                tooltip="Soft edge width, as a fraction of the crop size."),
-                io.Int.Input("max_faces", default=16, min=1, max=256),
+                io.Int.Input("max_faces", default=16, min=1, max=256,
+                             tooltip="Keep at most this many faces (the most confident ones)."),
                 io.Int.Input("min_face_px", default=0, min=0, max=4096, tooltip="Ignore faces smaller than this (pixels)."),
             ],
-            outputs=[io.Mask.Output(display_name="mask"), FacesType.Output(display_name="faces")],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="Soft mask of every face, at the photo's size."),
+                     FacesType.Output(display_name="faces", tooltip="Where each face is: crop boxes and crop masks, "
+                                                                    "for Crop Faces / Paste Faces / Save Anonymized.")],
         )
 
     @classmethod
@@ -336,11 +339,13 @@ class CropFaces(io.ComfyNode):
             node_id="KeyFaceCropFaces", display_name="Crop Faces", category=CATEGORY,
             description="Cuts each face out as a square crop at the working resolution, with its mask. Feed the crops "
                         "to VAE Encode and the masks to Invert to Noise.",
-            inputs=[io.Image.Input("image"), FacesType.Input("faces"),
+            inputs=[io.Image.Input("image", tooltip="The same photo Face Mask looked at."),
+                    FacesType.Input("faces", tooltip="Face Mask's faces output."),
                     io.Mask.Input("mask", optional=True, tooltip="Any full-image MASK (e.g. from a segmentation pack) "
                                                                  "to use instead of the dlib face masks.")],
-            outputs=[io.Image.Output(display_name="crops"), io.Mask.Output(display_name="masks"),
-                     FacesType.Output(display_name="faces")],
+            outputs=[io.Image.Output(display_name="crops", tooltip="One square crop per face (a batch): VAE Encode it."),
+                     io.Mask.Output(display_name="masks", tooltip="One mask per crop: connect to Invert to Noise."),
+                     FacesType.Output(display_name="faces", tooltip="The faces with the masks actually used.")],
         )
 
     @classmethod
@@ -355,8 +360,12 @@ class PasteFaces(io.ComfyNode):
             node_id="KeyFacePasteFaces", display_name="Paste Faces", category=CATEGORY,
             description="Pastes the processed face crops back into the photo through their soft masks. Every pixel "
                         "outside the masks stays bit-identical to the input photo.",
-            inputs=[io.Image.Input("image"), io.Image.Input("crops"), FacesType.Input("faces")],
-            outputs=[io.Image.Output(display_name="image")],
+            inputs=[io.Image.Input("image", tooltip="The photo to paste into (the original, or the loaded "
+                                                    "anonymized one when restoring)."),
+                    io.Image.Input("crops", tooltip="VAE Decode of Regenerate's (or Restore's) latent."),
+                    FacesType.Input("faces", tooltip="Crop Faces' (or Load Anonymized's) faces output.")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The photo with the faces replaced; every other "
+                                                                   "pixel is bit-identical to the input.")],
         )
 
     @classmethod
@@ -372,7 +381,8 @@ class SaveAnonymized(io.ComfyNode):
             description="Writes the anonymized photo as a PNG carrying only its pixels and the KeyFace metadata "
                         "(no workflow, no prompt, no EXIF, no source file name). Atomic: no partial files.",
             inputs=[
-                io.Image.Input("image"), FacesType.Input("faces"),
+                io.Image.Input("image", tooltip="Paste Faces' output: the anonymized photo."),
+                FacesType.Input("faces", tooltip="Crop Faces' faces output (boxes and masks are stored)."),
                 io.Latent.Input("latent", tooltip="Regenerate's output for these faces (its exact state is the payload)."),
                 io.String.Input("filename_prefix", default="keyface/anonymized",
                                 tooltip="Output name prefix; never include the person's or the source file's name."),
@@ -495,8 +505,10 @@ class LoadAnonymized(io.ComfyNode):
                                        "original PNG here to restore a copy that lost it (a JPEG or resized copy): "
                                        "works, with a warning that exactness is lost outside the faces."),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
-                     FacesType.Output(display_name="faces")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The anonymized photo as saved."),
+                     io.Latent.Output(display_name="latent", tooltip="The anonymized face latents with their KeyFace "
+                                                                     "info: connect to Restore."),
+                     FacesType.Output(display_name="faces", tooltip="The stored faces: connect to Paste Faces.")],
         )
 
     @classmethod

@@ -184,3 +184,12 @@ def test_load_key_reruns_when_the_secret_changes_and_its_cache_key_reveals_nothi
     assert L.fingerprint_inputs("environment variable", "", "KEYFACE_TEST_FP", "key") != first
     on_disk = L.fingerprint_inputs("key file", "my_keyface.key", "", "key")
     assert "my_keyface.key" in on_disk and "missing" not in on_disk
+
+
+def test_every_input_and_output_has_a_tooltip(kf):
+    for module in (kf.core_nodes, kf.face_nodes):
+        for node in module.NODES:
+            schema = node.define_schema()
+            assert schema.node_id.startswith("KeyFace") and schema.description
+            missing = [p.id for p in (*schema.inputs, *schema.outputs) if not getattr(p, "tooltip", None)]
+            assert not missing, (schema.node_id, missing)
