@@ -9,7 +9,9 @@ through ComfyUI's own validator and executor, as the server would.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -40,6 +42,32 @@ class _HeadlessServer:
         self.messages.append((event, data))
 
 
+class _QuietMissingExtras(logging.Filter):
+    """ComfyUI reports each optional comfy_extras module whose dependency is not installed here (audio,
+    upscale models, kornia...) with a full traceback; KeyFace needs none of them, so keep one line."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        failed = re.search(r"Cannot import (\S+) module for custom nodes", message)
+        if failed and "comfy_extras" in failed.group(1):
+            self.skipped.append(Path(failed.group(1)).stem)
+            return False
+        if message.startswith("Traceback") and "comfy_extras" in message:
+            return False
+        if message.startswith("IMPORT FAILED: ") and Path(message[15:]).stem in self.skipped:
+            return False
+        if self.skipped and (message in ("", "\nThis issue might be caused by new missing dependencies added the last "
+                                             "time you updated ComfyUI.")
+                             or message.startswith(("Please do a: pip install", "Please run the update script",
+                                                     "WARNING: some comfy_extras/ nodes did not import"))):
+            return False
+        return True
+
+
 def boot():
     """Start ComfyUI in this process (CPU, PyTorch attention) with KeyFace loaded; returns the nodes module."""
     global _booted
@@ -59,7 +87,15 @@ def boot():
     comfy.cli_args.args.use_pytorch_cross_attention = True
     import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does)
     import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    quiet = _QuietMissingExtras()
+    logging.getLogger().addFilter(quiet)
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    if quiet.skipped:
+        logging.info("ComfyUI extras not loaded (optional dependencies not installed; KeyFace needs none): %s",
+                     ", ".join(sorted(quiet.skipped)))
     _booted = nodes
     return nodes
 

@@ -193,3 +193,12 @@ def test_every_input_and_output_has_a_tooltip(kf):
             assert schema.node_id.startswith("KeyFace") and schema.description
             missing = [p.id for p in (*schema.inputs, *schema.outputs) if not getattr(p, "tooltip", None)]
             assert not missing, (schema.node_id, missing)
+
+
+def test_comfyui_reads_the_pack_metadata(host):
+    """ComfyUI (and the registry) parse pyproject.toml's [project] and [tool.comfy] with their own parser."""
+    from pathlib import Path
+    from comfy_config.config_parser import extract_node_configuration
+    config = extract_node_configuration(str(Path(__file__).resolve().parents[1]))
+    assert config is not None and config.project.name == "keyface" and config.project.version
+    assert config.tool_comfy.publisher_id == "keyface" and config.tool_comfy.display_name.startswith("KeyFace")
