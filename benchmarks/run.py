@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run.py [--quick] [--checkpoint PATH] [--faces DIR] [--only SECTION,...]
 
 Sections (all by default): speed (tiny model), sd15 (SD1.5-sized random UNet), exactness, photo
-(12 MP photo vs 512² crop), identity (dlib identity/quality harness on a faces folder).
+(12 MP photo vs 512² crop), identity (dlib identity/quality harness on a faces folder), analytic
+(sampler quality and anonymization on a Gaussian mixture with its exact denoiser).
 Writes benchmarks/results/results.md, results.json and *.png (plots need matplotlib).
 See benchmarks/README.md for what each number means.
 """
@@ -25,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-SECTIONS = ("speed", "sd15", "exactness", "photo", "identity")
+SECTIONS = ("speed", "sd15", "exactness", "photo", "identity", "analytic")
 
 
 def settings_for(quick: bool) -> dict:
@@ -39,6 +40,8 @@ def settings_for(quick: bool) -> dict:
             "nodes": {"steps": 20, "methods": ["exact", "plain", "exact_single"], "calls_steps": [10, 20]},
             "photo": {"megapixels": 12.0, "crop_size": 512, "steps": 3, "reps": 1},
             "identity": {"steps": 8, "mode": "exact", "crop_size": 128, "limit": 3},
+            "analytic": {"k": 8, "samples": 16, "steps": [5, 10, 20], "reference_substeps": 300,
+                         "anon_samples": 16, "anon_steps": 20},
         }
     return {
         "speed": {"shape": [1, 4, 32, 32], "steps": 20, "reps": 5, "exact_single_reps": 1},
@@ -50,6 +53,8 @@ def settings_for(quick: bool) -> dict:
         "nodes": {"steps": 20, "methods": ["exact", "exact_single", "plain"], "calls_steps": [10, 20, 30, 50]},
         "photo": {"megapixels": 12.0, "crop_size": 512, "steps": 8, "reps": 2},
         "identity": {"steps": 20, "mode": "exact", "crop_size": 128, "limit": None},
+        "analytic": {"k": 8, "samples": 64, "steps": [5, 10, 20, 30, 50], "reference_substeps": 600,
+                     "anon_samples": 64, "anon_steps": 20},
     }
 
 
@@ -122,8 +127,9 @@ def main(argv=None) -> int:
             # Keep partial results on disk as the run goes.
             _write_json(out / "results.json", res)
 
-    from kfbench import exactness, identity, photo, speed
-    tiny = common.tiny_models()
+    from kfbench import analytic, exactness, identity, photo, speed
+    # The analytic section needs no ComfyUI model.
+    tiny = common.tiny_models() if only & {"speed", "exactness", "photo", "identity"} else None
     res["speed"] = {}
 
     if "speed" in only:
@@ -194,6 +200,13 @@ def main(argv=None) -> int:
                     res.setdefault("exactness", {})["nodes_checkpoint"] = exactness.node_calls_and_payload(
                         models, c["steps"], ["exact", "plain"], [], p, crop_size=c["crop_size"])
         section("identity", run_identity)
+
+    if "analytic" in only:
+        def run_analytic():
+            c = cfg["analytic"]
+            with bar("analytic: Gaussian mixture, exact denoiser", analytic.progress_total(c)) as p:
+                res["analytic"] = analytic.run(c, p, log)
+        section("analytic", run_analytic)
 
     res["wall_s"] = time.perf_counter() - started
     res["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

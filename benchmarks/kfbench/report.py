@@ -78,7 +78,7 @@ def targets(res: dict) -> list:
 def markdown(res: dict) -> str:
     m = res["machine"]
     v = m["versions"]
-    s = [f"# KeyFace benchmark results\n",
+    s = ["# KeyFace benchmark results\n",
          f"Run {res['started']} with `{res['command']}`; wall time **{res['wall_s'] / 60:.1f} min**"
          f"{' (quick mode: fewer reps and points)' if res['quick'] else ''}.\n",
          f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB, device `{m['device']}`, "
@@ -87,7 +87,9 @@ def markdown(res: dict) -> str:
          f"Versions: Python {v['python']}, torch {v['torch']}, ComfyUI {v['comfyui']}, numpy {v['numpy']}, "
          f"dlib {v.get('dlib')}; repo HEAD {m.get('repo_head')}.\n",
          "All models are seeded random-weight ComfyUI models unless a checkpoint is named: timings and exactness "
-         "are real, image quality is meaningless. Timings are medians of interleaved repeats (A B C A B C ...).\n"]
+         "are real, image quality is meaningless"
+         + (" (except in the analytic section, whose denoiser is the exact one for a known Gaussian mixture)"
+            if res.get("analytic") else "") + ". Timings are medians of interleaved repeats (A B C A B C ...).\n"]
 
     t = targets(res)
     if t:
@@ -275,6 +277,8 @@ def markdown(res: dict) -> str:
         s.append(f"\nVAE ceiling (original crops through VAE encode/decode, pasted alike): {ps('vae_ceiling')}. "
                  f"Restored vs that ceiling: PSNR {vs_ceiling}"
                  + f". Model calls per photo: anonymize {fmt(sm['anonymize_calls_per_photo'])}, restore {fmt(sm['restore_calls_per_photo'])}.\n")
+    if res.get("analytic"):
+        s.append(analytic_markdown(res["analytic"]))
     s.append("## Settings\n")
     import json
     s.append("```\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in res["settings"].items()) + "\n```\n")
@@ -384,4 +388,149 @@ def plots(res: dict, out: Path) -> list:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         made.append(str(path))
+    an = res.get("analytic")
+    if an:
+        made.append(str(analytic_plot(an, out, plt)))
     return made
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic section (kfbench/analytic.py)
+# ----------------------------------------------------------------------------------------------
+
+def _euler_label(method: str) -> str:
+    return "Euler (plain = exact_single)" if method == "plain" else method
+
+
+def _schedule_check(diffs: dict) -> str:
+    if not diffs or any(v is None for v in diffs.values()):
+        return " (not compared with ComfyUI: it was not loaded)"
+    worst = max(diffs.values())
+    return " (bit-identical to ComfyUI's `calculate_sigmas`)" if worst == 0 else f" (max |Δσ| vs ComfyUI's {fmt(worst)})"
+
+
+def analytic_markdown(an: dict) -> str:
+    d, c, q, a = an["distribution"], an["denoiser_checks"], an["quality"], an["anonymization"]
+    data = (f"Data: a mixture of {d['k']} \"identities\" in a {'×'.join(map(str, d['shape']))} latent (d = {d['d']}): a "
+            f"shared smooth background, an identity-specific smooth field inside a central ellipse covering "
+            f"{100 * a['mask_fraction']:.0f} % of the grid (soft edge: {100 * d['between_identity_variance_outside_mask']:.1f} % "
+            f"of the between-identity variance lies outside the mask), means of RMS {fmt(d['mean_rms'])}; shared "
+            f"within-identity covariance isotropic sd {fmt(d['iso_sd'])} + {d['rank']} smooth directions (total sd "
+            f"{fmt(d['within_sd_per_element'])} per element). Nearest two identities are {fmt(d['min_mean_distance_rms'])} "
+            f"apart (RMS per element), {fmt(d['min_mean_distance_whitened'])} in Mahalanobis units. The denoiser is the exact "
+            f"posterior mean E[x0 | x0 + σn]; checks: brute force (d = 6, full matrices) {fmt(c['brute_force_max_abs_err'])}, "
+            f"Tweedie (autograd of log p_σ) {fmt(c['tweedie_max_rel_err'])}, D(x, 1e-4) vs x {fmt(c['small_sigma_rel_err'])}, "
+            f"Monte Carlo orthogonality max |z| {fmt(c['monte_carlo_orthogonality_max_z'])} ({c['monte_carlo_samples']} "
+            f"samples). Schedules: SD1.5 `normal` (the nodes' default) and `karras`"
+            + _schedule_check(an["schedule_vs_comfyui_max_abs_diff"]) + ".\n")
+    metrics = ("Metrics: **whitened distance** = √(min_k Mahalanobis² / d), ≈ 1 for true samples, < 1 = too smooth (pulled "
+               "towards a mean), > 1 = off the data (noise, oscillation); **NLL/dim** under the true mixture (lower is not "
+               "always better: a sample at a mean scores best); **unambiguous** = share whose largest identity posterior "
+               "> 0.99; errors are RMS per element (data units: within-identity sd ≈ 0.3, identities ≥ 0.58 apart).\n")
+    s = ["## Analytic quality proxy (Gaussian mixture, exact denoiser)\n", data, metrics]
+
+    ref, true = q["reference"], q["true_samples"]
+    s.append(f"### Generation from x_T = σ_max·n ({q['samples']} samples)\n")
+    s.append(f"Reference: the probability-flow ODE from the same x_T by Heun on ~{ref['substeps']} geometric sub-steps "
+             f"(references from all grids agree to {fmt(ref['max_spread_rms'])} RMS). `exact` starts from "
+             "`NoiseState(x_T, residual=None)` (the core's fresh-noise convention: second state = an Euler step); "
+             "`exact_single` and `plain` both regenerate with Euler, so they generate identically. *Alternating part* = "
+             "RMS of e_i − (e_{i−1} + e_{i+1})/2 along the trajectory, e_i = state − reference at σ_i (max over steps): the "
+             "leapfrog's parasitic (−1)^i mode.\n")
+    head = ["steps", "method", "whitened dist", "NLL/dim", "unambiguous", "identity = reference", "err vs reference",
+            "alternating part", "exact − Euler"]
+    for schedule in dict.fromkeys(r["schedule"] for r in q["rows"]):
+        rows = [["true samples", "", fmt(true["whitened_dist"]), fmt(true["nll_per_dim"]), _pct(true["unambiguous"]), "", "", "", ""],
+                ["ODE reference", "", fmt(ref["whitened_dist"]), fmt(ref["nll_per_dim"]), _pct(ref["unambiguous"]), "", "", "", ""]]
+        for r in q["rows"]:
+            if r["schedule"] != schedule or r["method"] == "exact_single":
+                continue
+            rows.append([str(r["steps"]), _euler_label(r["method"]), fmt(r["whitened_dist"]), fmt(r["nll_per_dim"]),
+                         _pct(r["unambiguous"]), _pct(r["same_identity_as_reference"]), fmt(r["err_vs_reference_rms"]),
+                         fmt(r["alternating_max"]), fmt(r.get("exact_minus_plain_rms")) if r["method"] == "exact" else ""])
+        s.append(f"`{schedule}` schedule:\n")
+        s.append(_table(head, rows))
+        s.append("")
+    rt = [r for r in q["rows"] if "round_trip_rel_err" in r]
+    if rt:
+        steps = sorted({r["steps"] for r in rt})
+        g = {(r["method"], r["steps"]): r for r in rt}
+        methods = [m for m in ("exact", "exact_single", "plain") if any(k[0] == m for k in g)]
+        rows = [[str(n)] + [f"{fmt(g[(m, n)]['round_trip_median_rel_err'])} / {fmt(g[(m, n)]['round_trip_rel_err'])} "
+                            f"({_pct(g[(m, n)]['round_trip_identity_kept'])}; {g[(m, n)]['round_trip_invert_calls']} calls)"
+                            for m in methods] for n in steps]
+        s.append("Round trip of true samples (invert, regenerate; no flip): median / max relative error (identity kept; "
+                 "invert calls), `normal` schedule:\n")
+        s.append(_table(["steps"] + methods, rows))
+        s.append("")
+
+    s.append(f"### Anonymization ({a['samples']} true samples, {a['steps']} steps, `normal`)\n")
+    s.append("As the nodes do it, in the pure core: invert → keyed ±1 flip of the noise (and of `exact`'s residual) with "
+             "`sign_pattern(key.image_key(nonce), …, flip_context(shape, 0))` → regenerate; *mask* = the face ellipse, "
+             "with the background held as `background_for` holds it (clean latent + nonce-derived public noise). Restore "
+             "= invert the anonymized latent → unflip → regenerate. Clean samples: whitened distance "
+             f"{fmt(a['clean']['whitened_dist'])}, NLL/dim {fmt(a['clean']['nll_per_dim'])}. A random new identity would "
+             f"change identity in {100 * (1 - 1 / d['k']):.1f} % of cases.\n")
+    rows = []
+    for r in a["rows"]:
+        an_ = r["anonymized"]
+        rows.append(["mask" if r["masked"] else "whole latent", r["method"], str(r["anonymize_calls"]),
+                     _pct(r["identity_change_rate"]), fmt(an_["whitened_dist"]) + f" (max {fmt(an_['whitened_dist_max'])})",
+                     fmt(an_["nll_per_dim"]), _pct(an_["unambiguous"]), fmt(r["anonymized_change_rms"]),
+                     "–" if r["outside_mask_max_abs_change"] is None else fmt(r["outside_mask_max_abs_change"])])
+    s.append(_table(["region", "method", "anonymize calls", "identity changed", "whitened dist", "NLL/dim", "unambiguous",
+                     "change (RMS)", "max change outside mask"], rows))
+    diag = [(("mask" if r["masked"] else "whole latent"), r["diagnostic_residual_zeroed_whitened_dist"])
+            for r in a["rows"] if r.get("diagnostic_residual_zeroed_whitened_dist") is not None]
+    if diag:
+        s.append("\nDiagnostic (not a product option, not restorable): `exact` with the flipped leapfrog residual replaced "
+                 "by zero gives whitened distance " + ", ".join(f"{fmt(v)} ({k})" for k, v in diag)
+                 + " — the share of the parasitic mode that the flipped residual seeds.")
+    s.append("")
+    variants = list(a["rows"][0]["restore"].keys())
+    rows = []
+    for r in a["rows"]:
+        rows.append(["mask" if r["masked"] else "whole latent", r["method"]]
+                    + [f"{fmt(r['restore'][v]['rel_err'])} ({_pct(r['restore'][v]['identity_recovered'])})" for v in variants]
+                    + [f"{_pct(r['wrong_key']['same_identity'])} / {fmt(r['wrong_key']['whitened_dist'])}"])
+    s.append("Restore: max relative error (share whose identity is recovered), by what the restorer holds — the payload "
+             "(float64 state + leapfrog partner for `exact`), both rounded to float32, the state without its partner, "
+             "float32 samples without partner, and the latent perturbed by 1 % of its RMS (a stand-in for re-encoding "
+             "pixels). Last column: with a wrong key, share landing on the original identity / whitened distance.\n")
+    s.append(_table(["region", "method"] + variants + ["wrong key: original identity / whitened dist"], rows))
+    s.append("")
+    return "\n".join(s)
+
+
+def analytic_plot(an: dict, out: Path, plt) -> Path:
+    q = an["quality"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for schedule, ls in (("normal", "-"), ("karras", "--")):
+        for method, color in (("exact", "C3"), ("plain", "C0")):
+            rows = sorted((r for r in q["rows"] if r["schedule"] == schedule and r["method"] == method), key=lambda r: r["steps"])
+            if not rows:
+                continue
+            label = f"{_euler_label(method)}, {schedule}"
+            axes[0].plot([r["steps"] for r in rows], [r["whitened_dist"] for r in rows], "o" + ls, color=color, label=label)
+            axes[1].semilogy([r["steps"] for r in rows], [r["err_vs_reference_rms"] for r in rows], "o" + ls, color=color, label=label)
+    axes[0].axhline(q["true_samples"]["whitened_dist"], color="black", lw=0.8, label="true samples")
+    axes[0].set(xlabel="steps", ylabel="whitened distance to nearest identity", title="Realism (1 = like true samples)")
+    axes[0].set_yscale("log")
+    axes[1].set(xlabel="steps", ylabel="RMS error vs fine ODE solution", title="Error vs reference")
+    steps = 20 if any(r["steps"] == 20 for r in q["rows"]) else max(r["steps"] for r in q["rows"])
+    for method, color in (("exact", "C3"), ("plain", "C0")):
+        t = q["trajectories"].get(f"normal/{method}/{steps}")
+        if t:
+            axes[2].semilogy(range(1, len(t["err"])), [max(v, 1e-6) for v in t["err"][1:]], "-", color=color,
+                             label=f"{_euler_label(method)}: error")
+            axes[2].semilogy(range(1, len(t["alternating"]) + 1), [max(v, 1e-6) for v in t["alternating"]], ":", color=color,
+                             label=f"{_euler_label(method)}: alternating part")
+    axes[2].set(xlabel=f"step ({steps} steps, normal)", ylabel="RMS per element", title="Along the trajectory")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "analytic_quality.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
