@@ -54,3 +54,25 @@ def public_gaussian(seed: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     radius = np.sqrt(-2.0 * np.log(u1))
     normals = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:count]
     return torch.from_numpy(normals.reshape(shape).copy())
+
+
+def seal(image_key: bytes, context: bytes, values: torch.Tensor) -> np.ndarray:
+    """Encrypt a float64 tensor under the image key: its little-endian bytes XOR a SHAKE-256 keystream.
+
+    Used for the exact method's second state (the residual), which a sign flip would leave readable in
+    magnitude and which, flipped, would start the leapfrog's parasitic oscillation in the new face.
+    Returns uint8 [8 * numel]; `unseal` with the same key and context gives the bits back exactly.
+    """
+    plain = np.ascontiguousarray(values.detach().cpu().to(torch.float64).numpy(), dtype="<f8").tobytes()
+    stream = hashlib.shake_256(_encode(b"keyface/v1/seal", image_key, context)).digest(len(plain))
+    return np.bitwise_xor(np.frombuffer(plain, dtype=np.uint8), np.frombuffer(stream, dtype=np.uint8))
+
+
+def unseal(image_key: bytes, context: bytes, sealed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `seal`: float64 tensor of `shape`."""
+    data = np.ascontiguousarray(sealed, dtype=np.uint8).reshape(-1)
+    if data.size != 8 * int(np.prod(shape)):
+        raise ValueError(f"sealed data holds {data.size} bytes, not the {8 * int(np.prod(shape))} of shape {shape}")
+    stream = hashlib.shake_256(_encode(b"keyface/v1/seal", image_key, context)).digest(data.size)
+    plain = np.bitwise_xor(data, np.frombuffer(stream, dtype=np.uint8))
+    return torch.from_numpy(plain.view("<f8").astype(np.float64).reshape(shape))

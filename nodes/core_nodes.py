@@ -18,7 +18,7 @@ from comfy_api.latest import io
 
 from ..keyface_core import sampling as core
 from ..keyface_core.errors import InputMismatchError, KeyMaterialError, WrongKeyError
-from ..keyface_core.flip import apply_flip, flip_context, sign_pattern
+from ..keyface_core.flip import apply_flip, flip_context, seal, sign_pattern, unseal
 from ..keyface_core.keys import check_matches, key_check_value, key_from_env, load_key_file, new_nonce
 from ..keyface_core.masks import latent_mask
 from . import model_adapter as adapter
@@ -191,7 +191,12 @@ def invert_latent(model, latent: dict, steps: int, scheduler: str, mode: str, cf
 
 
 def flip_latent(latent: dict, key, mask=None) -> dict:
-    """The Apply Key Flip operation: an exact involution on the noise and its second state."""
+    """The Apply Key Flip operation: an exact involution on the noise LATENT.
+
+    The noise's signs are flipped. The exact method's second state (residual) is not flipped but sealed
+    by the key and replaced by zero, so the new face starts consistent (a flipped residual starts the
+    leapfrog's parasitic oscillation: an off-distribution face); flipping again unseals it. Images saved
+    before sealing ("legacy_residual") keep the old rule: the residual is flipped too."""
     info = info_of(latent)
     if info is None or info.kind != "noise":
         raise InputMismatchError("Apply Key Flip needs the noise LATENT from Invert to Noise (it carries the per-image "
@@ -209,7 +214,7 @@ def flip_latent(latent: dict, key, mask=None) -> dict:
     def flip_each(batch: torch.Tensor) -> torch.Tensor:
         return torch.stack([apply_flip(x, signs, m) for x, signs, m in zip(batch, patterns, masks)])
     state = flip_each(info.state)
-    second = None if info.second is None else flip_each(info.second)
+    second, sealed = _flip_second(info, image_keys, shape, flip_each)
     checks = [key_check_value(k) for k in image_keys]
     if info.settings.method == "exact" or info.latent_format is None:
         samples = state.to(torch.float32) if info.latent_format is None else info.latent_format.process_out(state).to(torch.float32)
@@ -220,8 +225,27 @@ def flip_latent(latent: dict, key, mask=None) -> dict:
     else:
         samples = info.latent_format.process_out(state).to(torch.float32)
     new = info.with_(state=state, second=second, key_checks=tuple(checks), kdf=kdf, flipped=not info.flipped,
-                     mask=info.mask if info.mask is not None else flip_mask)
+                     mask=info.mask if info.mask is not None else flip_mask, sealed=sealed)
     return make_latent(latent, samples, new)
+
+
+def _flip_second(info: KeyFaceInfo, image_keys: list, shape: tuple, flip_each):
+    """(second state, sealed) after a flip: seal the residual on the way out, unseal it on the way back."""
+    if info.second is None:
+        return None, None
+    if info.extra.get("legacy_residual"):
+        return flip_each(info.second), None
+    contexts = [flip_context(shape, face, "residual-seal") for face in info.face_indices]
+    if info.sealed is None:
+        sealed = tuple(seal(k, c, r) for k, c, r in zip(image_keys, contexts, info.second))
+        return torch.zeros_like(info.second), sealed
+    # A key that fails the stored check gets no residual back: a consistent start, i.e. a clean other face.
+    checks = info.key_checks or (None,) * len(image_keys)
+    second = torch.stack([
+        unseal(k, c, s, shape).to(info.second.dtype) if stored is not None and check_matches(k, stored)
+        else torch.zeros(shape, dtype=info.second.dtype)
+        for k, c, s, stored in zip(image_keys, contexts, info.sealed, checks)])
+    return second.to(info.second.device), None
 
 
 def regenerate_latent(model, latent: dict, positive=None, negative=None) -> tuple[dict, core.Stats]:
@@ -275,7 +299,11 @@ def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=
         model, latent, settings.steps, settings.scheduler, settings.method, settings.cfg, positive, negative,
         nonces=info.nonces, face_indices=info.face_indices, lmask=info.mask, sigmas=settings.sigmas)
     # The stored KDF parameters (passphrase keys) must be reused, not the key's defaults.
-    noise_latent = make_latent(noise_latent, noise_latent["samples"], noise_latent[INFO_KEY].with_(kdf=info.kdf))
+    # The sealed residual, the stored key checks (they guard unsealing) and the residual rule come along too.
+    noise_info = noise_latent[INFO_KEY]
+    noise_info = noise_info.with_(kdf=info.kdf, sealed=info.sealed, key_checks=info.key_checks,
+                                  extra={**noise_info.extra, "legacy_residual": bool(info.extra.get("legacy_residual"))})
+    noise_latent = make_latent(noise_latent, noise_latent["samples"], noise_info)
     unflipped = flip_latent(noise_latent, key, mask)
     restored, regen_stats = regenerate_latent(model, unflipped, positive, negative)
     stats = {"invert_calls": inv_stats.model_calls, "regenerate_calls": regen_stats.model_calls}
@@ -370,10 +398,14 @@ class InvertToNoise(io.ComfyNode):
                 io.Model.Input("model", tooltip="Your checkpoint's MODEL (with any LoRA/patches); Regenerate and "
                                                 "Restore must get exactly the same."),
                 io.Latent.Input("latent", tooltip="Image latent (VAE Encode). A noise_mask on it restricts the change to the mask."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Same steps in Regenerate/Restore (they read it from the latent)."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
+                io.Int.Input("steps", default=30, min=1, max=1000,
+                             tooltip="Regenerate/Restore reuse them (stored). The exact mode's two-state sampler needs "
+                                     "more steps than Euler to stay on the image manifold: 30 with karras is the "
+                                     "measured default (benchmarks/README.md, analytic section); fewer give artifacts."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
                                tooltip="ComfyUI scheduler for the noise levels; the schedule is stored, so Regenerate "
-                                       "and Restore replay it exactly."),
+                                       "and Restore replay it exactly. karras suits eps/v models (SD1.5/SDXL); SD3/Flux "
+                                       "users usually pick simple or beta."),
                 io.Combo.Input("mode", options=list(core.METHODS), default="exact", tooltip=MODE_TOOLTIP),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance while inverting; 1.0 is most exact. Regenerate reuses it."),

@@ -178,6 +178,9 @@ def build_record(faces: FaceSet, info: KeyFaceInfo, store_payload: bool,
     records = []
     for item, region in enumerate(faces.faces):
         payload = {}
+        if info.sealed is not None:
+            # Always stored (it is sealed by the key): the exact method cannot restore without it.
+            payload["sealed_residual"] = np.asarray(info.sealed[item], dtype=np.uint8)
         if store_payload:
             payload["state"] = info.state[item].detach().cpu().to(torch.float64).numpy()
             if info.second is not None:
@@ -249,10 +252,18 @@ def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=
         state, second = fmt.process_in(samples.to(dtype)), None
         log.warning("KeyFace: no latent payload in this image; restoring from re-encoded pixels is APPROXIMATE.")
     lmask = mask_core.latent_mask(torch.stack([r.mask for r in regions]), latent_shape[-2:])
+    sealed = None
+    if settings.method == "exact" and all("sealed_residual" in f.payload for f in record.faces):
+        sealed = tuple(f.payload["sealed_residual"] for f in record.faces)
+        if any(s.dtype != np.uint8 or s.size != 8 * int(np.prod(latent_shape)) for s in sealed):
+            raise MetadataError("the sealed residual stored in this image does not match its latent shape; the "
+                                "metadata is damaged.")
     info = KeyFaceInfo("latent", settings, state, second, samples, tuple(f.nonce for f in record.faces),
                        tuple(f.index for f in record.faces), mask=lmask, background=state, latent_format=fmt,
-                       kdf=record.kdf, key_checks=tuple(f.key_check for f in record.faces),
-                       extra={"cond_id": s.get("cond_id", ""), "exact_payload": exact})
+                       kdf=record.kdf, key_checks=tuple(f.key_check for f in record.faces), sealed=sealed,
+                       # Exact-method images saved before residual sealing carry the residual flipped instead.
+                       extra={"cond_id": s.get("cond_id", ""), "exact_payload": exact,
+                              "legacy_residual": settings.method == "exact" and sealed is None})
     return {"samples": samples, INFO_KEY: info}, faces, exact
 
 

@@ -54,6 +54,7 @@ class KeyFaceInfo:
     kdf: Optional[dict] = None               # passphrase KDF parameters once a passphrase key was applied
     key_checks: Optional[tuple] = None       # per item, set by Apply Key Flip
     flipped: bool = False                    # parity of flips applied since inversion
+    sealed: Optional[tuple] = None           # exact method: per item, the original residual sealed by the key
     extra: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:

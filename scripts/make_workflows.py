@@ -28,7 +28,7 @@ ANONYMIZE = {
                               "min_face_px": 0}, None),
     "6": ("KeyFaceCropFaces", {"image": ["2", 0], "faces": ["5", 1]}, None),
     "7": ("VAEEncode", {"pixels": ["6", 0], "vae": ["1", 2]}, None),
-    "8": ("KeyFaceInvertToNoise", {"model": ["1", 0], "latent": ["7", 0], "steps": 20, "scheduler": "normal",
+    "8": ("KeyFaceInvertToNoise", {"model": ["1", 0], "latent": ["7", 0], "steps": 30, "scheduler": "karras",
                                    "mode": "exact", "cfg": 1.0, "positive": ["4", 0], "mask": ["6", 1]}, None),
     "9": ("KeyFaceApplyKeyFlip", {"noise": ["8", 0], "key": ["3", 0]}, None),
     "10": ("KeyFaceRegenerate", {"model": ["1", 0], "noise": ["9", 0], "positive": ["4", 0]}, None),

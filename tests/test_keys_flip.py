@@ -688,3 +688,19 @@ def test_no_key_material_in_any_key_error(tmp_path, monkeypatch, caplog):
     # The warning logged for the group-readable file names the file, not its content.
     assert "open_bad.key" in caplog.text
     assert not _leaks(caplog.text, secrets_, passphrases)
+
+
+def test_seal_round_trips_every_bit_and_depends_on_key_and_context():
+    from keyface_core.flip import seal, unseal
+    values = torch.tensor([[0.0, -0.0, 1e-310, float("inf")], [float("nan"), -2.5, 3.141592653589793, 1e300]],
+                          dtype=torch.float64)
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    context = flip_context(tuple(values.shape), 0, "residual-seal")
+    sealed = seal(key, context, values)
+    assert sealed.dtype == np.uint8 and sealed.size == 8 * values.numel()
+    back = unseal(key, context, sealed, tuple(values.shape))
+    assert back.numpy().tobytes() == values.numpy().tobytes()
+    assert unseal(other, context, sealed, tuple(values.shape)).numpy().tobytes() != values.numpy().tobytes()
+    assert not np.array_equal(seal(key, flip_context(tuple(values.shape), 1, "residual-seal"), values), sealed)
+    with pytest.raises(ValueError, match="bytes"):
+        unseal(key, context, sealed[:-1], tuple(values.shape))

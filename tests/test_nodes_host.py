@@ -202,3 +202,48 @@ def test_comfyui_reads_the_pack_metadata(host):
     config = extract_node_configuration(str(Path(__file__).resolve().parents[1]))
     assert config is not None and config.project.name == "keyface" and config.project.version
     assert config.tool_comfy.publisher_id == "keyface" and config.tool_comfy.display_name.startswith("KeyFace")
+
+
+def test_exact_residual_is_sealed_not_flipped(tiny, kf, key_pair, image_latent):
+    """Apply Key Flip seals the exact method's residual (the new face starts from zero) and unseals it on the way back;
+    a wrong key unseals nothing, so a wrong-key restore is a clean other face, never NaN."""
+    import numpy as np
+    models, _, _ = tiny
+    C = kf.core_nodes
+    noise, _ = C.invert_latent(models["eps"], image_latent, 6, "normal", "exact", 1.0)
+    residual = noise["keyface"].second
+    assert residual.abs().max() > 0
+    once = C.flip_latent(noise, key_pair[0])
+    info = once["keyface"]
+    assert torch.equal(info.second, torch.zeros_like(residual)) and info.sealed is not None
+    plain_bytes = np.ascontiguousarray(residual[0].numpy(), dtype="<f8").view(np.uint8).reshape(-1)
+    assert info.sealed[0].shape == plain_bytes.shape and np.mean(info.sealed[0] == plain_bytes) < 0.05
+    anonymized, _ = C.regenerate_latent(models["eps"], once)
+    assert anonymized["keyface"].sealed is info.sealed
+    restored, _ = C.restore_latent(models["eps"], anonymized, key_pair[0])
+    assert torch.equal(restored["samples"], image_latent["samples"]) or rel(restored["samples"], image_latent["samples"]) < 1e-6
+    wrong, _ = C.restore_latent(models["eps"], anonymized, key_pair[1], allow_wrong_key=True)
+    assert torch.isfinite(wrong["samples"]).all() and rel(wrong["samples"], image_latent["samples"]) > 0.5
+
+
+def test_images_from_before_sealing_still_restore(tiny, kf, key_pair, image_latent, tmp_path):
+    """An exact-method PNG saved when the residual was flipped (no sealed residual stored) restores exactly."""
+    import numpy as np
+    models, _, _ = tiny
+    C, F, M = kf.core_nodes, kf.face_nodes, kf.metadata
+    noise, _ = C.invert_latent(models["eps"], image_latent, 6, "normal", "exact", 1.0)
+    legacy = C.make_latent(noise, noise["samples"],
+                           noise["keyface"].with_(extra={**noise["keyface"].extra, "legacy_residual": True}))
+    flipped = C.flip_latent(legacy, key_pair[0])
+    assert flipped["keyface"].sealed is None and flipped["keyface"].second.abs().max() > 0
+    anonymized, _ = C.regenerate_latent(models["eps"], flipped)
+    size = 8 * image_latent["samples"].shape[-1]
+    faces = F.FaceSet((size, size), size, (F.FaceRegion(0, (0, 0, size), torch.ones(size, size)),))
+    record = F.build_record(faces, anonymized["keyface"], True)
+    assert "sealed_residual" not in record.faces[0].payload
+    M.write_png_atomic(tmp_path / "legacy.png", np.zeros((size, size, 3), np.uint8), record)
+    _, stored_record, _ = M.read_png(tmp_path / "legacy.png")
+    stored, _, exact = F.record_to_inputs(stored_record, torch.zeros(1, size, size, 3))
+    assert exact and stored["keyface"].extra["legacy_residual"]
+    restored, _ = C.restore_latent(models["eps"], stored, key_pair[0])
+    assert rel(restored["samples"], image_latent["samples"]) < 1e-6

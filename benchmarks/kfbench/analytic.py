@@ -459,27 +459,36 @@ def _background(core, mask, public_noise, clean, dtype):
 
 
 def _flipped(core, flip, mask, noise_state, signs):
-    """nodes/core_nodes.flip_latent: flip the state and (exact) its residual, inside the flip mask."""
+    """nodes/core_nodes.flip_latent on the way out: flip the state inside the flip mask; the exact method's
+    residual is sealed away (the restorer gets it back with the key) and the new face starts from zero."""
+    res = noise_state.residual
+    return core.NoiseState(flip.apply_flip(noise_state.x, signs, mask), None if res is None else torch.zeros_like(res))
+
+
+def _flipped_legacy(core, flip, mask, noise_state, signs):
+    """The rule before sealing (diagnostic): the residual flipped along with the state."""
     res = noise_state.residual
     return core.NoiseState(flip.apply_flip(noise_state.x, signs, mask),
                            None if res is None else flip.apply_flip(res, signs, mask))
 
 
-def _restore(core, denoise, sigmas, method, background, flipped, latent_state, signs):
-    """nodes/core_nodes.restore_latent: invert (background from the latent it is given), unflip, regenerate."""
+def _restore(core, flip, denoise, sigmas, method, background, mask, latent_state, signs, residual):
+    """nodes/core_nodes.restore_latent: invert (background from the latent it is given), unflip, put back the
+    unsealed residual (a wrong key unseals none: zero), regenerate."""
     b = background(latent_state.x.to(F64), core.state_dtype(method))
     nz = core.invert(denoise, latent_state, sigmas, method, background=b)
-    return core.regenerate(denoise, flipped(nz, signs), sigmas, method, background=b).x
+    back = core.NoiseState(flip.apply_flip(nz.x, signs, mask), None if nz.residual is None else residual)
+    return core.regenerate(denoise, back, sigmas, method, background=b).x
 
 
 def anonymization(gmm: GaussianMixture, core, flip, keys, n: int, steps: int, methods=METHODS, progress=None,
-                  seed: int = 20) -> dict:
+                  seed: int = 20, schedule: str = "normal") -> dict:
     """invert -> keyed flip -> regenerate (anonymize), then invert -> unflip -> regenerate (restore), per method,
     for the whole latent and for the face ellipse (Background held as the nodes hold it)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.arange(n) % gmm.k
     x0 = gmm.sample(ids, gen)
-    sigmas = normal_sigmas(steps)
+    sigmas = SCHEDULES[schedule](steps)
     shape = tuple(gmm.shape)
     nonces = [_nonce(i) for i in range(n)]
     right, wrong = _key(keys, "right"), _key(keys, "wrong")
@@ -490,7 +499,7 @@ def anonymization(gmm: GaussianMixture, core, flip, keys, n: int, steps: int, me
     ellipse = face_ellipse(shape)
     public_noise = torch.stack([flip.public_gaussian(b"keyface/v1/background\x00" + nc, shape) for nc in nonces])
     clean_summary = summarize(gmm.metrics(x0), ids)
-    out = {"samples": n, "steps": steps, "mask_fraction": float(ellipse.mean()), "clean": clean_summary, "rows": []}
+    out = {"samples": n, "steps": steps, "schedule": schedule, "mask_fraction": float(ellipse.mean()), "clean": clean_summary, "rows": []}
 
     for masked in (False, True):
         mask = ellipse.expand(n, 1, *shape[-2:]) if masked else None
@@ -516,14 +525,16 @@ def anonymization(gmm: GaussianMixture, core, flip, keys, n: int, steps: int, me
                    "residual_rms": None if noise.residual is None else rms(noise.residual)}
             row["anonymized"].pop("same_identity")
             if noise.residual is not None:
-                # Diagnostic only (not restorable): the same flip with the leapfrog residual set to zero, to show how
-                # much of the parasitic mode the flipped residual seeds.
-                zeroed = core.regenerate(gmm.denoise, core.NoiseState(flipped(noise, signs_right).x, None), sigmas, method,
-                                         background=bg).x
-                row["diagnostic_residual_zeroed_whitened_dist"] = float(gmm.metrics(zeroed)["whitened_dist"].mean())
+                # Diagnostic: the rule before sealing (residual flipped with the state), to show how much of the
+                # parasitic mode a flipped residual seeds.
+                legacy = core.regenerate(gmm.denoise, _flipped_legacy(core, flip, mask, noise, signs_right), sigmas,
+                                         method, background=bg).x
+                row["diagnostic_flipped_residual_whitened_dist"] = float(gmm.metrics(legacy)["whitened_dist"].mean())
 
             # restore as restore_latent does: background from the anonymized state (= the original outside the mask)
-            restore = functools.partial(_restore, core, gmm.denoise, sigmas, method, background, flipped)
+            restore = functools.partial(_restore, core, flip, gmm.denoise, sigmas, method, background, mask)
+            sealed = noise.residual  # what the key unseals
+            no_residual = None if sealed is None else torch.zeros_like(sealed)
             partner = anon.partner
             variants = {"payload": anon,
                         "float32 state + partner": core.LatentState(
@@ -534,12 +545,12 @@ def anonymization(gmm: GaussianMixture, core, flip, keys, n: int, steps: int, me
                             (anon.x.to(F64) + 0.01 * rms(anon.x) * torch.randn(anon.x.shape, generator=gen, dtype=F64)).to(dtype))}
             row["restore"] = {}
             for name, state in variants.items():
-                restored = restore(state, signs_right)
+                restored = restore(state, signs_right, sealed)
                 m = gmm.metrics(restored)
                 row["restore"][name] = {"rel_err": rel_err(restored, x0), "median_rel_err": median_rel_err(restored, x0),
                                         "rms": rms(restored, x0),
                                         "identity_recovered": float((m["nearest"] == ids).to(F64).mean())}
-            wrong_out = restore(anon, signs_wrong)
+            wrong_out = restore(anon, signs_wrong, no_residual)
             m_wrong = gmm.metrics(wrong_out)
             row["wrong_key"] = summarize(m_wrong, ids)
             row["wrong_key"]["rel_err"] = rel_err(wrong_out, x0)
@@ -577,6 +588,9 @@ def run(cfg: dict, progress=None, log=print) -> dict:
     res["quality"] = quality_vs_steps(gmm, core, cfg["samples"], cfg["steps"], cfg["reference_substeps"],
                                       progress=progress)
     res["anonymization"] = anonymization(gmm, core, flip, keys, cfg["anon_samples"], cfg["anon_steps"], progress=progress)
+    # The shipped workflows' setting for the exact method (karras, 30 steps), exact method only.
+    res["anonymization_more"] = [anonymization(gmm, core, flip, keys, cfg["anon_samples"], 30, methods=("exact",),
+                                               progress=progress, schedule="karras")]
     return res
 
 
@@ -585,4 +599,4 @@ CHECK_BOUNDS = {"brute_force_max_abs_err": 1e-10, "tweedie_max_rel_err": 1e-9, "
 
 
 def progress_total(cfg: dict) -> int:
-    return 1 + (len(METHODS) + 2) * len(cfg["steps"]) + 2 * len(METHODS)
+    return 1 + (len(METHODS) + 2) * len(cfg["steps"]) + 2 * len(METHODS) + 2

@@ -464,11 +464,18 @@ def analytic_markdown(an: dict) -> str:
         s.append(_table(["steps"] + methods, rows))
         s.append("")
 
-    s.append(f"### Anonymization ({a['samples']} true samples, {a['steps']} steps, `normal`)\n")
-    s.append("As the nodes do it, in the pure core: invert → keyed ±1 flip of the noise (and of `exact`'s residual) with "
+    for run in (a, *an.get("anonymization_more", [])):
+        _analytic_anonymization(s, run, d)
+    s.append("")
+    return "\n".join(s)
+
+
+def _analytic_anonymization(s: list, a: dict, d: dict) -> None:
+    s.append(f"### Anonymization ({a['samples']} true samples, {a['steps']} steps, `{a.get('schedule', 'normal')}`)\n")
+    s.append("As the nodes do it, in the pure core: invert → keyed ±1 flip of the noise (`exact`'s residual is sealed by the key; the new face starts from a zero residual) with "
              "`sign_pattern(key.image_key(nonce), …, flip_context(shape, 0))` → regenerate; *mask* = the face ellipse, "
              "with the background held as `background_for` holds it (clean latent + nonce-derived public noise). Restore "
-             "= invert the anonymized latent → unflip → regenerate. Clean samples: whitened distance "
+             "= invert the anonymized latent → unflip, unseal the residual → regenerate. Clean samples: whitened distance "
              f"{fmt(a['clean']['whitened_dist'])}, NLL/dim {fmt(a['clean']['nll_per_dim'])}. A random new identity would "
              f"change identity in {100 * (1 - 1 / d['k']):.1f} % of cases.\n")
     rows = []
@@ -480,12 +487,12 @@ def analytic_markdown(an: dict) -> str:
                      "–" if r["outside_mask_max_abs_change"] is None else fmt(r["outside_mask_max_abs_change"])])
     s.append(_table(["region", "method", "anonymize calls", "identity changed", "whitened dist", "NLL/dim", "unambiguous",
                      "change (RMS)", "max change outside mask"], rows))
-    diag = [(("mask" if r["masked"] else "whole latent"), r["diagnostic_residual_zeroed_whitened_dist"])
-            for r in a["rows"] if r.get("diagnostic_residual_zeroed_whitened_dist") is not None]
+    diag = [(("mask" if r["masked"] else "whole latent"), r["diagnostic_flipped_residual_whitened_dist"])
+            for r in a["rows"] if r.get("diagnostic_flipped_residual_whitened_dist") is not None]
     if diag:
-        s.append("\nDiagnostic (not a product option, not restorable): `exact` with the flipped leapfrog residual replaced "
-                 "by zero gives whitened distance " + ", ".join(f"{fmt(v)} ({k})" for k, v in diag)
-                 + " — the share of the parasitic mode that the flipped residual seeds.")
+        s.append("\n`exact` seals its leapfrog residual with the key and starts the new face from a zero residual. "
+                 "Diagnostic: the rule before sealing (residual flipped along with the noise) gave whitened distance "
+                 + ", ".join(f"{fmt(v)} ({k})" for k, v in diag) + " — the parasitic mode a flipped residual seeds.")
     s.append("")
     variants = list(a["rows"][0]["restore"].keys())
     rows = []
@@ -498,8 +505,6 @@ def analytic_markdown(an: dict) -> str:
              "float32 samples without partner, and the latent perturbed by 1 % of its RMS (a stand-in for re-encoding "
              "pixels). Last column: with a wrong key, share landing on the original identity / whitened distance.\n")
     s.append(_table(["region", "method"] + variants + ["wrong key: original identity / whitened dist"], rows))
-    s.append("")
-    return "\n".join(s)
 
 
 def analytic_plot(an: dict, out: Path, plt) -> Path:
