@@ -505,6 +505,7 @@ def _analytic_anonymization(s: list, a: dict, d: dict) -> None:
              "float32 samples without partner, and the latent perturbed by 1 % of its RMS (a stand-in for re-encoding "
              "pixels). Last column: with a wrong key, share landing on the original identity / whitened distance.\n")
     s.append(_table(["region", "method"] + variants + ["wrong key: original identity / whitened dist"], rows))
+    s.append("")
 
 
 def analytic_plot(an: dict, out: Path, plt) -> Path:
