@@ -315,10 +315,7 @@ def plots(res: dict, out: Path) -> list:
         for a, where in zip(axes, ("center right", "lower right")):
             a.grid(True, which="both", alpha=0.3)
             a.legend(fontsize=8, loc=where)
-        fig.tight_layout()
-        path = out / "exactness_vs_steps.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save_figure(fig, out / "exactness_vs_steps.png", plt)
         made.append(str(path))
 
         it = [r for r in cur["vs_iterations"] if r["iterations"] is not None]
@@ -341,10 +338,7 @@ def plots(res: dict, out: Path) -> list:
                    title="exact_single: error vs solver work")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / "exactness_vs_iterations.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
+            path = _save_figure(fig, out / "exactness_vs_iterations.png", plt)
             made.append(str(path))
 
     speed = res.get("speed", {})
@@ -365,10 +359,7 @@ def plots(res: dict, out: Path) -> list:
         ax.set_xlabel("time ratio (median)")
         ax.legend(fontsize=8)
         ax.grid(True, axis="x", alpha=0.3)
-        fig.tight_layout()
-        path = out / "speed_ratios.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save_figure(fig, out / "speed_ratios.png", plt)
         made.append(str(path))
 
         fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -383,10 +374,7 @@ def plots(res: dict, out: Path) -> list:
         ax.set_xlabel("% of wall time outside UNet calls")
         ax.legend(fontsize=8)
         ax.grid(True, axis="x", alpha=0.3)
-        fig.tight_layout()
-        path = out / "overhead_share.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save_figure(fig, out / "overhead_share.png", plt)
         made.append(str(path))
     an = res.get("analytic")
     if an:
@@ -508,6 +496,14 @@ def _analytic_anonymization(s: list, a: dict, d: dict) -> None:
     s.append("")
 
 
+
+def _save_figure(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def analytic_plot(an: dict, out: Path, plt) -> Path:
     q = an["quality"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -535,8 +531,5 @@ def analytic_plot(an: dict, out: Path, plt) -> Path:
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "analytic_quality.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save_figure(fig, out / "analytic_quality.png", plt)
     return path
