@@ -1,27 +1,30 @@
 """Known-plaintext attack on the key flip (REFERENCE.md §1, flaw 5; issue 4).
 
 The attacker holds one (original, anonymized) pair A made under key K. The model is public, so they
-invert both to noise and read the flip pattern off as ``sign(zA_anon) * sign(zA)`` (inside the mask).
-They then apply that pattern to a second image B anonymized under the same key and try to restore it.
+invert both to noise and read the flip pattern off as ``sign(zA_anon) * sign(zA)`` (inside the mask),
+and A's residual keystream as A's sealed residual (public payload) XOR A's true residual. They then
+apply both to a second image B anonymized under the same key and try to restore it.
 
-* KeyFace: the pattern comes from ``K.image_key(nonce)`` and every image has its own random nonce, so
-  A's pattern says nothing about B's: sign agreement ~50 %, restoring B with it fails, the real key
-  restores B exactly.
-* The paper's fixed-pattern scheme (one pattern per key from a torch seed, reused for every image):
-  the recovered pattern is B's pattern, agreement 100 %, and B is restored without the key.
+* KeyFace: the pattern and the seal keystream come from ``K.image_key(nonce)`` and every image has its
+  own random nonce, so A's say nothing about B's: sign agreement ~50 %, B's residual bytes recovered
+  at chance (1/256), restoring B with them fails, the real key restores B exactly.
+* The paper's fixed-pattern scheme (one pattern per key from a torch seed, reused for every image; here
+  also one seal key): the recovered pattern and keystream are B's, agreement 100 %, and B is restored
+  without the key.
 
 Toy setup: deterministic denoiser ``D(x, s) = x - s * tanh(conv(x / sqrt(1 + s^2)))`` with a fixed
 random 3x3 conv, latent (1, 4, 64, 64) = 16,384 elements, 10 Karras steps from 14.6 to 0.03 then 0,
-method "exact" (float64 leapfrog). Measured (CPU, these seeds; ``pytest -s`` prints them):
+method "exact" (float64 leapfrog, residual sealed as Apply Key Flip does). Measured (CPU, these seeds;
+``pytest -s`` prints them):
 
-=================  =======================  ==========================  ==================  ===============
-scheme             region                   agreement with B's pattern  attack restore err  key restore err
-=================  =======================  ==========================  ==================  ===============
-per-image (ours)   whole latent (16,384)    50.03 %                     16.3 (fails)        1.6e-13
-per-image (ours)   face mask (6,496 elems)  49.46 %                     16.3 (fails)        1.3e-13
-fixed (paper)      whole latent (16,384)    100.00 %                    1.5e-13 (restored)  -
-fixed (paper)      face mask (6,496 elems)  100.00 %                    1.5e-13 (restored)  -
-=================  =======================  ==========================  ==================  ===============
+=================  =======================  ==========================  ===============  ==================  ===============
+scheme             region                   agreement with B's pattern  B's residual     attack restore err  key restore err
+=================  =======================  ==========================  ===============  ==================  ===============
+per-image (ours)   whole latent (16,384)    50.03 %                     0.38 % of bytes  14.1 (fails)        2.3e-13
+per-image (ours)   face mask (6,496 elems)  49.46 %                     0.38 % of bytes  14.0 (fails)        2.0e-13
+fixed (paper)      whole latent (16,384)    100.00 %                    100 %            2.2e-13 (restored)  -
+fixed (paper)      face mask (6,496 elems)  100.00 %                    100 %            1.9e-13 (restored)  -
+=================  =======================  ==========================  ===============  ==================  ===============
 
 Errors are relative L2 over the anonymized region. The agreement bound asserted below (0.45..0.55) is
 8 standard deviations wide for 6,496 fair coin flips (sd 0.62 %); the anonymization itself
@@ -34,12 +37,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from keyface_core import sampling as core
-from keyface_core.flip import apply_flip, flip_context, public_gaussian, sign_pattern
+from keyface_core.flip import apply_flip, flip_context, public_gaussian, seal, sign_pattern, unseal
 from keyface_core.keys import SecretKey
 
 SHAPE = (1, 4, 64, 64)
@@ -84,8 +88,15 @@ def background(mask, latent, nonce):
     return core.Background(mask=mask, latent=latent, noise=public_gaussian(b"bg" + nonce, SHAPE))
 
 
-def flip_noise(noise: core.NoiseState, signs: torch.Tensor, mask) -> core.NoiseState:
-    return core.NoiseState(apply_flip(noise.x, signs, mask), apply_flip(noise.residual, signs, mask))
+RESIDUAL_CONTEXT = flip_context(SHAPE[1:], 0, "residual-seal")
+
+
+def keystream_xor(data: np.ndarray, stream: np.ndarray) -> np.ndarray:
+    return np.bitwise_xor(np.ascontiguousarray(data, dtype=np.uint8), stream)
+
+
+def residual_bytes(residual: torch.Tensor) -> np.ndarray:
+    return np.frombuffer(np.ascontiguousarray(residual.numpy(), dtype="<f8").tobytes(), dtype=np.uint8)
 
 
 def invert(latent: core.LatentState, mask, nonce) -> core.NoiseState:
@@ -96,15 +107,18 @@ def regenerate(noise: core.NoiseState, mask, nonce, clean) -> core.LatentState:
     return core.regenerate(toy_denoise, noise, SIGMAS, METHOD, background=background(mask, clean, nonce))
 
 
-def anonymize(latent: torch.Tensor, signs: torch.Tensor, mask, nonce):
-    """-> (original noise, anonymized latent state); the state's partner travels in the payload."""
+def anonymize(latent: torch.Tensor, signs: torch.Tensor, mask, nonce, seal_key: bytes):
+    """As Apply Key Flip does it: flip the noise, seal the residual (public payload), regenerate from a zero
+    residual. -> (original noise, anonymized latent state, sealed residual)."""
     noise = invert(core.LatentState(latent), mask, nonce)
-    return noise, regenerate(flip_noise(noise, signs, mask), mask, nonce, latent)
+    sealed = seal(seal_key, RESIDUAL_CONTEXT, noise.residual)
+    flipped = core.NoiseState(apply_flip(noise.x, signs, mask), torch.zeros_like(noise.residual))
+    return noise, regenerate(flipped, mask, nonce, latent), sealed
 
 
-def restore(anon: core.LatentState, signs: torch.Tensor, mask, nonce) -> torch.Tensor:
+def restore(anon: core.LatentState, signs: torch.Tensor, residual: torch.Tensor, mask, nonce) -> torch.Tensor:
     noise = invert(anon, mask, nonce)
-    return regenerate(flip_noise(noise, signs, mask), mask, nonce, anon.x).x
+    return regenerate(core.NoiseState(apply_flip(noise.x, signs, mask), residual), mask, nonce, anon.x).x
 
 
 def region(mask) -> torch.Tensor:
@@ -126,22 +140,28 @@ def fixed_pattern(seed: int = 42) -> torch.Tensor:
     return (1 - 2 * bits).to(torch.float32)
 
 
-def run_attack(pattern_a: torch.Tensor, pattern_b: torch.Tensor, mask):
+def run_attack(pattern_a: torch.Tensor, pattern_b: torch.Tensor, mask, seal_a: bytes, seal_b: bytes):
     """The attack end to end; returns the measurements."""
     where = region(mask)
-    noise_a, anon_a = anonymize(LATENT_A, pattern_a, mask, NONCE_A)
-    _, anon_b = anonymize(LATENT_B, pattern_b, mask, NONCE_B)
+    noise_a, anon_a, sealed_a = anonymize(LATENT_A, pattern_a, mask, NONCE_A, seal_a)
+    _, anon_b, sealed_b = anonymize(LATENT_B, pattern_b, mask, NONCE_B, seal_b)
 
-    # Attacker: invert the public anonymized A (model public, payload public) and compare with A's noise.
+    # Attacker: invert the public anonymized A (model public, payload public) and compare with A's noise;
+    # A's sealed residual XOR A's true residual is A's keystream, tried on B's sealed residual.
     noise_a_anon = invert(anon_a, mask, NONCE_A)
     recovered = torch.sign(noise_a_anon.x) * torch.sign(noise_a.x)
+    stream = keystream_xor(sealed_a, residual_bytes(noise_a.residual))
+    guess = torch.from_numpy(keystream_xor(sealed_b, stream).view("<f8").astype(np.float64).reshape(noise_a.residual.shape))
+    true_b = unseal(seal_b, RESIDUAL_CONTEXT, sealed_b, tuple(noise_a.residual.shape))
 
     return {
         "self_agreement": float((recovered == pattern_a)[where].double().mean()),
         "agreement": float((recovered == pattern_b)[where].double().mean()),
         "elements": int(where.sum()),
-        "attack_err": rel_err(restore(anon_b, recovered, mask, NONCE_B), LATENT_B, where),
-        "key_err": rel_err(restore(anon_b, pattern_b, mask, NONCE_B), LATENT_B, where),
+        "attack_err": rel_err(restore(anon_b, recovered, torch.nan_to_num(guess, 0.0, 0.0, 0.0), mask, NONCE_B),
+                              LATENT_B, where),
+        "residual_bytes_recovered": float(np.mean(residual_bytes(guess) == residual_bytes(true_b))),
+        "key_err": rel_err(restore(anon_b, pattern_b, true_b, mask, NONCE_B), LATENT_B, where),
         "anon_change": rel_err(anon_b.x, LATENT_B, where),
         "outside_kept": bool(torch.equal(anon_b.x[~where], LATENT_B[~where])),
     }
@@ -154,10 +174,10 @@ MASKS = {"whole latent": None, "face mask": face_mask()}
 def test_attack_learns_nothing_about_another_image_under_keyface(region_name):
     mask = MASKS[region_name]
     pattern_a, pattern_b = keyface_pattern(NONCE_A), keyface_pattern(NONCE_B)
-    m = run_attack(pattern_a, pattern_b, mask)
+    m = run_attack(pattern_a, pattern_b, mask, KEY.image_key(NONCE_A), KEY.image_key(NONCE_B))
     print(f"\n[per-image keys, {region_name}] agreement with B's pattern {m['agreement']:.2%} over {m['elements']} "
-          f"elements; attack restore err {m['attack_err']:.3g}; key restore err {m['key_err']:.3g}; "
-          f"anonymization changed B by {m['anon_change']:.3g}")
+          f"elements; B's sealed residual bytes recovered {m['residual_bytes_recovered']:.2%}; attack restore err "
+          f"{m['attack_err']:.3g}; key restore err {m['key_err']:.3g}; anonymization changed B by {m['anon_change']:.3g}")
     # The attack itself works: it reads A's own pattern back perfectly ...
     assert m["self_agreement"] == 1.0
     # ... but A's pattern is a coin toss for B.
@@ -166,6 +186,7 @@ def test_attack_learns_nothing_about_another_image_under_keyface(region_name):
     sd = 0.5 / math.sqrt(m["elements"])
     assert abs(m["agreement"] - 0.5) < 6 * sd
     assert m["anon_change"] > 0.5, "anonymization must actually change B"
+    assert m["residual_bytes_recovered"] < 0.02, "A's keystream says nothing about B's sealed residual"
     assert m["attack_err"] > 0.5, "the recovered pattern must not restore B"
     assert m["key_err"] < 1e-6, "the real key restores B"
     if mask is not None:
@@ -176,10 +197,13 @@ def test_attack_learns_nothing_about_another_image_under_keyface(region_name):
 def test_same_attack_breaks_the_fixed_pattern_scheme(region_name):
     mask = MASKS[region_name]
     pattern = fixed_pattern()
-    m = run_attack(pattern, pattern, mask)
+    fixed_key = bytes(32)  # one key for every image, no nonce: the paper's scheme
+    m = run_attack(pattern, pattern, mask, fixed_key, fixed_key)
     print(f"\n[fixed pattern (paper), {region_name}] agreement with B's pattern {m['agreement']:.2%} over "
-          f"{m['elements']} elements; attack restore err {m['attack_err']:.3g}")
+          f"{m['elements']} elements; B's sealed residual bytes recovered {m['residual_bytes_recovered']:.2%}; "
+          f"attack restore err {m['attack_err']:.3g}")
     assert m["agreement"] == 1.0
+    assert m["residual_bytes_recovered"] == 1.0
     assert m["attack_err"] < 1e-6, "one leaked pair restores every other image under the fixed pattern"
     assert m["anon_change"] > 0.5
 
