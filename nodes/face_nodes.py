@@ -76,8 +76,8 @@ def pixels_digest(pixels: np.ndarray) -> str:
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    # Rounding (not truncation) maps LoadImage's v/255 floats back to v exactly.
-    return np.clip(np.round(image.cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
+    # Rounding (not truncation) maps LoadImage's v/255 floats back to v exactly; torch does it multi-threaded.
+    return torch.round(image.detach().cpu().to(torch.float32) * 255.0).clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
