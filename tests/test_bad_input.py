@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from conftest import KEY_NAME, REPO
 
@@ -119,7 +119,7 @@ def test_damaged_metadata_chunk(kf, made):
 @case("B03", "Metadata altered with a valid checksum (not a KeyFace record any more)", "missing field(s)")
 def test_altered_metadata_with_valid_crc(kf, made, tmp_path):
     pixels = np.array(Image.open(made.saved).convert("RGB"))
-    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info = PngImagePlugin.PngInfo()
     info.add_itxt("keyface", '{"format": "keyface", "version": 1, "faces": "nope"}')
     Image.fromarray(pixels).save(made.input / "bi_altered.png", pnginfo=info)
     expect(kf.errors.MetadataError, "missing field(s)", load, kf, "bi_altered.png")
@@ -130,7 +130,7 @@ def test_newer_format_version(kf, made):
     record = kf.metadata.read_png(made.saved)[1]
     text = kf.metadata.encode_record(record).replace('"version":1', '"version":99', 1)
     assert '"version":99' in text
-    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info = PngImagePlugin.PngInfo()
     info.add_itxt("keyface", text)
     Image.open(made.saved).convert("RGB").save(made.input / "bi_newer.png", pnginfo=info)
     expect(kf.errors.MetadataError, "Update the KeyFace node pack", load, kf, "bi_newer.png")
@@ -191,7 +191,7 @@ def test_jpeg_copy_with_metadata_restores_with_a_warning(kf, tiny, key_pair, mad
 def test_resized_copy_is_resampled_with_a_warning(kf, made, caplog):
     with Image.open(made.saved) as im:
         record_text = im.info["keyface"]
-        info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+        info = PngImagePlugin.PngInfo()
         info.add_itxt("keyface", record_text)
         small = im.convert("RGB").resize((im.width // 2, im.height // 2))
     small.save(made.input / "bi_small.png", pnginfo=info)
@@ -204,7 +204,7 @@ def test_resized_copy_is_resampled_with_a_warning(kf, made, caplog):
 @case("B10", "RGBA or grayscale copy of the PNG: alpha dropped / gray expanded, warns", "alpha channel ignored")
 def test_rgba_and_grayscale_files(kf, made, caplog):
     with Image.open(made.saved) as im:
-        info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+        info = PngImagePlugin.PngInfo()
         info.add_itxt("keyface", im.info["keyface"])
         im.convert("RGBA").save(made.input / "bi_rgba.png", pnginfo=info)
         im.convert("L").save(made.input / "bi_gray.png", pnginfo=info)
@@ -500,7 +500,7 @@ def test_output_folder_not_creatable(kf, made):
 @case("B43", "filename_prefix leading outside the output folder, or empty", "inside ComfyUI's output folder")
 def test_prefix_outside_output(kf, made):
     before = files_in(made.output.parent)
-    for prefix in ("../escaped/anon", "/tmp/anon", "  "):
+    for prefix in ("../escaped/anon", "/anon", "  "):
         expect(kf.errors.KeyFaceError, "inside ComfyUI's output folder", kf.face_nodes.SaveAnonymized.execute,
                made.image, made.faces, made.anon, prefix, True)
     assert files_in(made.output.parent) == before

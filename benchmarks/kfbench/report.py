@@ -347,33 +347,20 @@ def plots(res: dict, out: Path) -> list:
         keys = ["regenerate_plain / ksampler", "regenerate_exact / ksampler", "invert_plain / stock_unsample",
                 "invert_exact / invert_plain"]
         fig, ax = plt.subplots(figsize=(8, 3.8))
-        width = 0.8 / len(cols)
-        for j, k in enumerate(cols):
-            vals = [speed[k]["ratios"].get(key, math.nan) for key in keys]
-            ax.barh([i + j * width for i in range(len(keys))], vals, height=width,
-                    label="tiny" if k == "tiny" else "SD1.5-sized")
+        _grouped_barh(ax, keys, cols, lambda k: [speed[k]["ratios"].get(key, math.nan) for key in keys])
         ax.axvline(1.0, color="black", lw=0.8)
         ax.axvline(TARGET_REGEN, color="red", ls="--", lw=0.8, label=f"{TARGET_REGEN}× target")
-        ax.set_yticks([i + width * (len(cols) - 1) / 2 for i in range(len(keys))])
-        ax.set_yticklabels(keys, fontsize=8)
         ax.set_xlabel("time ratio (median)")
         ax.legend(fontsize=8)
-        ax.grid(True, axis="x", alpha=0.3)
         path = _save_figure(fig, out / "speed_ratios.png", plt)
         made.append(str(path))
 
         fig, ax = plt.subplots(figsize=(8, 3.8))
         ops = ["ksampler", "regenerate_plain", "regenerate_exact", "stock_unsample", "invert_plain", "invert_exact"]
-        for j, k in enumerate(cols):
-            vals = [100 * speed[k]["timings"][o]["overhead_share"] for o in ops]
-            ax.barh([i + j * width for i in range(len(ops))], vals, height=width,
-                    label="tiny" if k == "tiny" else "SD1.5-sized")
+        _grouped_barh(ax, ops, cols, lambda k: [100 * speed[k]["timings"][o]["overhead_share"] for o in ops])
         ax.axvline(100 * TARGET_OVERHEAD, color="red", ls="--", lw=0.8, label="5 % target")
-        ax.set_yticks([i + width * (len(cols) - 1) / 2 for i in range(len(ops))])
-        ax.set_yticklabels(ops, fontsize=8)
         ax.set_xlabel("% of wall time outside UNet calls")
         ax.legend(fontsize=8)
-        ax.grid(True, axis="x", alpha=0.3)
         path = _save_figure(fig, out / "overhead_share.png", plt)
         made.append(str(path))
     an = res.get("analytic")
@@ -495,6 +482,17 @@ def _analytic_anonymization(s: list, a: dict, d: dict) -> None:
     s.append(_table(["region", "method"] + variants + ["wrong key: original identity / whitened dist"], rows))
     s.append("")
 
+
+
+def _grouped_barh(ax, labels: list, cols: list, values) -> None:
+    """One horizontal bar per label and model column (tiny / SD1.5-sized), grouped by label."""
+    width = 0.8 / len(cols)
+    for j, k in enumerate(cols):
+        ax.barh([i + j * width for i in range(len(labels))], values(k), height=width,
+                label="tiny" if k == "tiny" else "SD1.5-sized")
+    ax.set_yticks([i + width * (len(cols) - 1) / 2 for i in range(len(labels))])
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 def _save_figure(fig, path: Path, plt) -> Path:
