@@ -5,11 +5,12 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .core_nodes import NODES as CORE_NODES
+from .key_nodes import NODES as KEY_NODES
 
 
 class KeyFaceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        nodes = list(CORE_NODES)
+        nodes = list(KEY_NODES) + list(CORE_NODES)
         try:
             from .face_nodes import NODES as FACE_NODES
         except ImportError:  # face nodes need optional packages; the latent nodes work without them

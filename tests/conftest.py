@@ -50,6 +50,8 @@ def kf(host):
 
     class Modules:
         core_nodes = comfy_host.pack_module("nodes.core_nodes")
+        key_nodes = comfy_host.pack_module("nodes.key_nodes")
+        conditioning = comfy_host.pack_module("nodes.conditioning")
         face_nodes = comfy_host.pack_module("nodes.face_nodes")
         keys = comfy_host.pack_module("keyface_core.keys")
         errors = comfy_host.pack_module("keyface_core.errors")

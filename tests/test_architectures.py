@@ -201,8 +201,8 @@ def test_images_fingerprinted_before_scalars_were_hashed_still_restore(arch, kf,
     latent = image_latent(model)
     _, anonymized = anonymize(kf, model, latent, key_pair[0], positive, None, 1.0)
     info = anonymized["keyface"]
-    legacy = C._legacy_conditioning_id(positive, positive)
-    assert not legacy.startswith(C.COND_ID_PREFIX) and info.extra["cond_id"].startswith(C.COND_ID_PREFIX)
+    legacy = kf.conditioning.legacy_conditioning_id(positive, positive)
+    assert not legacy.startswith(kf.conditioning.COND_ID_PREFIX) and info.extra["cond_id"].startswith(kf.conditioning.COND_ID_PREFIX)
     old = C.make_latent(anonymized, anonymized["samples"], info.with_(extra=dict(info.extra, cond_id=legacy)))
     restored, _ = C.restore_latent(model, old, key_pair[0], positive=positive)
     assert rel(restored["samples"], latent["samples"]) <= 1e-4

@@ -413,7 +413,7 @@ def test_wrong_key(kf, tiny, key_pair, made):
 
 @case("B31", "Key file missing (e.g. a shared workflow names a key this server lacks)", "is not in")
 def test_missing_key_file(kf):
-    L = kf.core_nodes.LoadKey
+    L = kf.key_nodes.LoadKey
     message = L.validate_inputs("key file", "colleague.key")
     assert isinstance(message, str) and "is not in" in message and "keygen" in message
     expect(kf.errors.KeyMaterialError, "was not found", L.execute, "key file", "colleague.key", "KEYFACE_KEY", "key")
@@ -422,8 +422,8 @@ def test_missing_key_file(kf):
 
 @case("B32", "No key file selected, or a path instead of a file name", "no key file selected")
 def test_no_key_file_selected(kf):
-    L = kf.core_nodes.LoadKey
-    for name in (kf.core_nodes.NO_KEYS, "../my_keyface.key", ""):
+    L = kf.key_nodes.LoadKey
+    for name in (kf.key_nodes.NO_KEYS, "../my_keyface.key", ""):
         expect(kf.errors.KeyMaterialError, "no key file selected", L.execute, "key file", name, "KEYFACE_KEY", "key")
 
 
@@ -434,7 +434,7 @@ def test_key_file_wrong_length(kf):
     (folder / "short.key").write_text(secret)
     os.chmod(folder / "short.key", 0o600)
     try:
-        text = expect(kf.errors.KeyMaterialError, "64 hex digits", kf.core_nodes.LoadKey.execute, "key file",
+        text = expect(kf.errors.KeyMaterialError, "64 hex digits", kf.key_nodes.LoadKey.execute, "key file",
                       "short.key", "KEYFACE_KEY", "key")
         assert secret not in text
     finally:
@@ -448,7 +448,7 @@ def test_key_file_too_open(kf, caplog):
     os.chmod(folder / "open.key", 0o644)
     try:
         with caplog.at_level(logging.WARNING):
-            key = kf.core_nodes.LoadKey.execute("key file", "open.key", "KEYFACE_KEY", "key").args[0]
+            key = kf.key_nodes.LoadKey.execute("key file", "open.key", "KEYFACE_KEY", "key").args[0]
         assert "chmod 600" in caplog.text and key.source
         for form in key_forms():
             assert form not in caplog.text
@@ -459,7 +459,7 @@ def test_key_file_too_open(kf, caplog):
 @case("B35", "Environment variable unset, empty, or not a valid name", "is not set")
 def test_env_variable_unset(kf, monkeypatch):
     monkeypatch.delenv("KEYFACE_TEST_UNSET", raising=False)
-    L = kf.core_nodes.LoadKey
+    L = kf.key_nodes.LoadKey
     expect(kf.errors.KeyMaterialError, "is not set", L.execute, "environment variable", "", "KEYFACE_TEST_UNSET", "key")
     expect(kf.errors.KeyMaterialError, "variable name", L.execute, "environment variable", "", "not a name!", "key")
 
@@ -467,7 +467,7 @@ def test_env_variable_unset(kf, monkeypatch):
 @case("B36", "Environment variable holding something that is not a key (never echoed)", "not hex digits")
 def test_env_variable_unreadable(kf, monkeypatch):
     monkeypatch.setenv("KEYFACE_TEST_BAD", "zz" * 32)
-    text = expect(kf.errors.KeyMaterialError, "not hex digits", kf.core_nodes.LoadKey.execute, "environment variable",
+    text = expect(kf.errors.KeyMaterialError, "not hex digits", kf.key_nodes.LoadKey.execute, "environment variable",
                   "", "KEYFACE_TEST_BAD", "key")
     assert "zz" * 32 not in text
 
@@ -475,7 +475,7 @@ def test_env_variable_unreadable(kf, monkeypatch):
 @case("B37", "Passphrase shorter than 12 characters", "too short")
 def test_short_passphrase(kf, monkeypatch):
     monkeypatch.setenv("KEYFACE_TEST_PASS", "hunter2")
-    text = expect(kf.errors.KeyMaterialError, "too short", kf.core_nodes.LoadKey.execute, "environment variable", "",
+    text = expect(kf.errors.KeyMaterialError, "too short", kf.key_nodes.LoadKey.execute, "environment variable", "",
                   "KEYFACE_TEST_PASS", "passphrase")
     assert "hunter2" not in text
 

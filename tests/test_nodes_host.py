@@ -173,7 +173,7 @@ def test_live_previews_like_ksampler(tiny, kf, key_pair, image_latent, monkeypat
 
 def test_load_key_reruns_when_the_secret_changes_and_its_cache_key_reveals_nothing(kf, monkeypatch):
     import hashlib
-    L = kf.core_nodes.LoadKey
+    L = kf.key_nodes.LoadKey
     value = "ab" * 32
     monkeypatch.setenv("KEYFACE_TEST_FP", value)
     first = L.fingerprint_inputs("environment variable", "", "KEYFACE_TEST_FP", "key")

@@ -93,7 +93,7 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
     identity_s = (_time.perf_counter() - start) / 3
     start = _time.perf_counter()
     for _ in range(3):
-        cn._conditioning_id(cond, cond)
+        cn._conditioning_id(cond, cond)  # core_nodes re-exports conditioning.conditioning_id
     cond_id_s = (_time.perf_counter() - start) / 3
     t = {k: v.as_dict() for k, v in timings.items()}
     med = {k: v.median for k, v in timings.items()}
