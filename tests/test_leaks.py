@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEY_NAME
-from test_workflows import load_api, run
+from test_workflows import load_api, run, workflow_paths
 
 PASSPHRASE = "correct horse battery staple, 42 times"
 PASS_VAR = "KEYFACE_LEAK_TEST_PASSPHRASE"
@@ -82,7 +82,7 @@ def scan(host, kf):
     root.setLevel(logging.DEBUG)
     out, err = io.StringIO(), io.StringIO()
     runs, channels = [], {}
-    workflow_json = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "keyface_anonymize.json").read_text())
+    workflow_json = json.loads(workflow_paths("anonymize")[0].read_text())
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             def go(label, prompt, expect_success=True):
