@@ -177,8 +177,10 @@ class ComfyServer:
 def browser_page(server: ComfyServer, width: int = 1920, height: int = 1080):
     """(page, console) for the frontend at `server.url`; console collects console messages and page errors.
 
-    Only requests to the local server go through; everything else (fonts, telemetry, update checks) is
-    aborted, so the test is offline and sees what a user without internet would see.
+    Only requests to the local server go through. The frontend also asks Comfy's registry which release is
+    current and which packs a loaded workflow uses: those get the registry's empty answer (no releases,
+    no such pack, as for a pack not published there) so the page behaves as it would online; anything
+    else is aborted and recorded in `console.blocked`.
     """
     try:
         from playwright.sync_api import sync_playwright
@@ -193,10 +195,16 @@ def browser_page(server: ComfyServer, width: int = 1920, height: int = 1080):
         local = server.url
 
         def route(request_route):
-            if request_route.request.url.startswith(local + "/") or request_route.request.url == local:
+            url = request_route.request.url
+            if url.startswith(local + "/") or url == local:
                 request_route.continue_()
+                return
+            console.outside.append(url)
+            empty = registry_reply(url)
+            if empty is not None:
+                request_route.fulfill(status=200, content_type="application/json", body=json.dumps(empty))
             else:
-                console.blocked.append(request_route.request.url)
+                console.blocked.append(url)
                 request_route.abort()
 
         console = Console()
@@ -204,19 +212,49 @@ def browser_page(server: ComfyServer, width: int = 1920, height: int = 1080):
         page = context.pages[0] if context.pages else context.new_page()
         page.on("console", console.on_console)
         page.on("pageerror", console.on_page_error)
+        page.on("response", console.on_response)
         try:
             yield page, console
         finally:
             context.close()
 
 
+REGISTRY = "https://api.comfy.org/"
+
+
+def registry_reply(url: str):
+    """The empty answer Comfy's registry gives for release notes and for packs it does not list; None otherwise."""
+    if not url.startswith(REGISTRY):
+        return None
+    path = url[len(REGISTRY):].split("?", 1)[0]
+    if path == "releases":
+        return []
+    if path == "nodes":
+        return {"nodes": [], "total": 0, "page": 1, "limit": 10, "totalPages": 0}
+    return None
+
+
 @dataclass
 class Console:
+    """Console messages, page errors, failed responses and aborted (non-local) requests of one page."""
+
     messages: list[tuple[str, str]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)     # every non-local request (answered or aborted)
+    responses: list[tuple[int, str, str]] = field(default_factory=list)   # (status, url, content type)
+    failed: list[tuple[int, str]] = field(default_factory=list)   # (index into messages when it happened, url)
 
     def on_console(self, message) -> None:
-        self.messages.append((message.type, message.text))
+        where = (message.location or {}).get("url", "")
+        self.messages.append((message.type, message.text + (f" [{where}]" if where and message.type == "error" else "")))
+
+    def on_response(self, response) -> None:
+        self.responses.append((response.status, response.url, response.headers.get("content-type", "")))
+        if response.status >= 400:
+            self.failed.append((len(self.messages), f"HTTP {response.status} {response.url}"))
+
+    def failed_urls_since(self, mark: int) -> list[str]:
+        return [url for at, url in self.failed if at >= mark] + self.blocked
 
     def on_page_error(self, error) -> None:
         self.messages.append(("pageerror", str(error)))
@@ -237,3 +275,194 @@ def open_app(page, server: ComfyServer, timeout_ms: int = 120_000) -> None:
     page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
                            "Object.keys(window.LiteGraph.registered_node_types || {}).length > 50",
                            timeout=timeout_ms)
+
+
+# ------------------------------------------------------------------------------------ in-page helpers
+# Each runs in the page through page.evaluate; they use only the frontend's public `app` and LiteGraph.
+
+JS_DISMISS_DIALOGS = """() => { for (const b of document.querySelectorAll('.p-dialog .p-dialog-close-button, .p-dialog-header-close'))
+    b.click(); return document.querySelectorAll('.p-dialog').length; }"""
+
+JS_OPEN_DIALOGS = """() => [...document.querySelectorAll('.p-dialog')].map(d => (d.innerText || '').slice(0, 400))"""
+
+JS_LOAD = """async (workflow) => { await app.loadGraphData(structuredClone(workflow), true, true, null);
+    await new Promise(r => setTimeout(r, 300)); return app.graph.nodes.length; }"""
+
+JS_PROMPT = """async () => (await app.graphToPrompt()).output"""
+
+JS_MISSING = """() => app.graph.nodes.filter(n => !(n.type in LiteGraph.registered_node_types) || n.has_errors)
+    .map(n => n.type)"""
+
+# The loaded nodes' slots and widgets next to those of a fresh node of the same type.
+JS_NODE_SHAPES = """() => app.graph.nodes.map(n => { const f = LiteGraph.createNode(n.type); return {
+    id: n.id, type: n.type,
+    loaded: {inputs: (n.inputs || []).map(i => [i.name, i.type, !!i.widget]), widgets: (n.widgets || []).map(w => w.name),
+             outputs: (n.outputs || []).map(o => [o.name, o.type]), size: [...n.size]},
+    fresh: {inputs: (f.inputs || []).map(i => [i.name, i.type, !!i.widget]), widgets: (f.widgets || []).map(w => w.name),
+            outputs: (f.outputs || []).map(o => [o.name, o.type]), size: [...f.computeSize()]}}; })"""
+
+# Node rectangles (title bar included), wire segments through native reroutes, and the view.
+JS_GEOMETRY = """() => {
+  const rects = {}; for (const n of app.graph.nodes) { const b = n.boundingRect; rects[n.id] = [b[0], b[1], b[2], b[3]]; }
+  const wires = [];
+  const reroutes = app.graph.reroutes || new Map();
+  for (const link of app.graph.links.values ? app.graph.links.values() : Object.values(app.graph.links)) {
+    if (!link) continue;
+    const s = app.graph.getNodeById(link.origin_id), t = app.graph.getNodeById(link.target_id);
+    const start = s.getConnectionPos(false, link.origin_slot), end = t.getConnectionPos(true, link.target_slot);
+    const chain = []; let rid = link.parentId;
+    while (rid != null) { const r = reroutes.get(rid); chain.unshift([r.pos[0], r.pos[1]]); rid = r.parentId; }
+    const stops = [[start[0], start[1]], ...chain, [end[0], end[1]]];
+    for (let i = 0; i + 1 < stops.length; i++) wires.push([link.origin_id, link.target_id, stops[i], stops[i + 1]]);
+  }
+  const canvas = app.canvas.canvas.getBoundingClientRect();
+  return {rects, wires, reroutes: reroutes.size, scale: app.canvas.ds.scale, offset: [...app.canvas.ds.offset],
+          canvas: [canvas.x, canvas.y, canvas.width, canvas.height],
+          groups: app.graph.groups.map(g => [g.title, [...g._bounding]])};
+}"""
+
+# Screen rectangles of the floating panels a node could hide under.
+JS_PANELS = """() => { const out = {};
+  const pick = {'run panel': '.actionbar, .actionbar-container', 'minimap': '.litegraph-minimap, .minimap-main-container, [class*=minimap]',
+                'canvas menu': '.graph-canvas-menu, [class*=canvas-menu]', 'side bar': '.side-tool-bar-container',
+                'top menu': '.comfyui-menu, .comfy-menu-bar, .workflow-tabs-container'};
+  for (const [name, sel] of Object.entries(pick)) {
+    out[name] = [...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect()).filter(r => r.width > 0 && r.height > 0)
+      .map(r => [r.x, r.y, r.width, r.height]); }
+  return out; }"""
+
+JS_SET_WIDGETS = """(changes) => { const done = [];
+  for (const n of app.graph.nodes) for (const w of (n.widgets || [])) {
+    const key = n.type + '.' + w.name; if (key in changes) { w.value = changes[key]; if (w.callback) w.callback(w.value); done.push(key); } }
+  app.graph.setDirtyCanvas(true, true); return done; }"""
+
+JS_QUEUE = """async () => { await app.queuePrompt(0, 1); return true; }"""
+
+
+def nodes_under_panels(rects: dict, geometry: dict, panels: dict) -> list[str]:
+    """Nodes whose on-screen box (stored view, as loaded) meets a floating panel, the menu or the side bar."""
+    scale, (ox, oy) = geometry["scale"], geometry["offset"]
+    cx, cy = geometry["canvas"][:2]
+    hits = []
+    for node_id, (x, y, w, h) in rects.items():
+        sx, sy, sw, sh = (x + ox) * scale + cx, (y + oy) * scale + cy, w * scale, h * scale
+        for name, boxes in panels.items():
+            for bx, by, bw, bh in boxes:
+                if sx < bx + bw and bx < sx + sw and sy < by + bh and by < sy + sh:
+                    hits.append(f"node {node_id} under the {name}")
+    return sorted(set(hits))
+
+
+def graph_bounds(geometry: dict) -> tuple[float, float, float, float]:
+    xs, ys = [], []
+    for x, y, w, h in list(geometry["rects"].values()) + [b for _, b in geometry["groups"]]:
+        xs += [x, x + w]
+        ys += [y, y + h]
+    for _, _, a, b in geometry["wires"]:
+        xs += [a[0], b[0]]
+        ys += [a[1], b[1]]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def screenshot_whole_graph(page, rects: dict, geometry: dict, path: Path, margin: int = 40) -> Path:
+    """A screenshot of the editor at 100 % zoom with a window large enough to show the whole graph."""
+    x0, y0, x1, y1 = graph_bounds(geometry)
+    ox, oy = geometry["offset"]
+    width = int(max(1280, (x1 + ox) + margin))
+    height = int(max(720, (y1 + oy) + margin + 230))   # + the minimap's corner, so it covers no node
+    old = page.viewport_size
+    page.set_viewport_size({"width": width, "height": height})
+    page.wait_for_timeout(800)
+    page.evaluate("(o) => { app.canvas.ds.scale = 1; app.canvas.ds.offset[0] = o[0]; app.canvas.ds.offset[1] = o[1];"
+                  " app.canvas.setDirty(true, true); }", [ox, oy])
+    page.wait_for_timeout(800)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path))
+    page.set_viewport_size(old)
+    page.wait_for_timeout(500)
+    return path
+
+
+DIALOG_CLOSE = ".p-dialog button.absolute.right-6"   # the dialog's visible close (X) button in 1.32.9
+
+
+def close_first_run_dialog(page, wait_ms: int = 15_000) -> bool:
+    """A first start opens the Templates dialog (a new user's welcome); close it with its X like a user."""
+    dialog = page.locator(".p-dialog")
+    try:
+        dialog.first.wait_for(state="visible", timeout=wait_ms)
+    except Exception:  # playwright TimeoutError: no dialog this time
+        return False
+    page.locator(DIALOG_CLOSE).first.click()
+    dialog.first.wait_for(state="hidden", timeout=wait_ms)
+    return True
+
+
+def open_pack_templates(page, pack: str) -> dict:
+    """Open Templates (the side bar button) and pick the pack; returns the dialog's text and its images (the
+    frontend fetches each thumbnail and shows it from a blob: URL, so the test matches them by the fetches)."""
+    page.locator('.side-tool-bar-container button[aria-label="Templates"]').click()
+    dialog = page.locator(".p-dialog")
+    dialog.wait_for(state="visible", timeout=30_000)
+    dialog.get_by_text(pack, exact=True).first.click()
+    page.wait_for_timeout(1500)
+    return page.evaluate("""() => { const d = document.querySelector('.p-dialog');
+      return {text: d.innerText, images: [...d.querySelectorAll('img')].map(i => ({loaded: i.complete, width: i.naturalWidth,
+              height: i.naturalHeight}))}; }""")
+
+
+def click_template(page, title: str) -> None:
+    """Click a template card by its title, as a user would, and wait for the dialog to close."""
+    dialog = page.locator(".p-dialog")
+    dialog.get_by_text(title, exact=True).first.click()
+    dialog.wait_for(state="hidden", timeout=30_000)
+    page.wait_for_timeout(1000)
+
+
+def upload_through_widget(page, class_type: str, path: Path, timeout_ms: int = 30_000) -> str:
+    """Press a node's upload button and choose `path` in the file chooser; returns the value the widget took."""
+    with page.expect_file_chooser(timeout=timeout_ms) as chooser:
+        page.evaluate("(t) => { const n = app.graph.nodes.find(n => n.type === t);"
+                      " n.widgets.find(w => w.name === 'upload').callback(); }", class_type)
+    chooser.value.set_files(str(path))
+    page.wait_for_function("([t, name]) => app.graph.nodes.find(n => n.type === t).widgets[0].value === name",
+                           arg=[class_type, path.name], timeout=timeout_ms)
+    return page.evaluate("(t) => app.graph.nodes.find(n => n.type === t).widgets[0].value", class_type)
+
+
+THUMB = 512
+TINY_LABEL = "test run of this pack with a tiny random model: its faces are noise, not real quality"
+
+
+def _label(draw, xy, text, size=18):
+    from PIL import ImageFont
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:   # Pillow < 10.1
+        font = ImageFont.load_default()
+    draw.text(xy, text, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def before_after(before: Path, after: Path, out: Path, titles=("before", "after"), box=None) -> Path:
+    """A square JPEG thumbnail: two images side by side (the face box, or the whole photos), labelled."""
+    from PIL import Image, ImageDraw
+    canvas = Image.new("RGB", (THUMB, THUMB), (24, 24, 28))
+    for i, source in enumerate((before, after)):
+        with Image.open(source) as im:
+            im = im.convert("RGB")
+            if box is not None:
+                x, y, size = box
+                im = im.crop((x, y, x + size, y + size))
+            im.thumbnail((THUMB // 2 - 6, THUMB - 120))
+            canvas.paste(im, (i * THUMB // 2 + (THUMB // 2 - im.width) // 2, (THUMB - im.height) // 2))
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):
+        _label(draw, (i * THUMB // 2 + 12, 16), title, 26)
+    words, lines = TINY_LABEL.split(), [""]
+    for word in words:   # wrap to the thumbnail's width
+        lines[-1:] = [lines[-1] + " " + word] if len(lines[-1]) + len(word) < 44 else [lines[-1], word]
+    for i, line in enumerate(lines):
+        _label(draw, (10, THUMB - 30 - 22 * (len(lines) - 1 - i)), line.strip(), 16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, "JPEG", quality=88, optimize=True)
+    return out

@@ -56,9 +56,9 @@ def anonymize(photo: str, title: str) -> dict[str, Node]:
                                                        "feather": 0.06, "max_faces": 16, "min_face_px": 0}),
         "crops": Node("KeyFaceCropFaces", "Find faces", {"image": Out("photo", "IMAGE"), "faces": Out("mask", "faces")}),
         "checkpoint": Node("CheckpointLoaderSimple", "Anonymize", {"ckpt_name": CHECKPOINT},
-                           "Your checkpoint (SD1.5, SDXL, SD3, Flux...)", lane=1),
+                           "Your checkpoint", lane=-1),
         "prompt": Node("CLIPTextEncode", "Anonymize", {"text": PROMPT, "clip": Out("checkpoint", "CLIP")},
-                       "Prompt (Restore must use the same)", lane=1),
+                       "Prompt (Restore must use the same)", lane=-1),
         "key": Node("KeyFaceLoadKey", "Anonymize", dict(LOAD_KEY), "Your key", lane=-1),
         "encode": Node("VAEEncode", "Anonymize", {"pixels": Out("crops", "crops"), "vae": Out("checkpoint", "VAE")}),
         "invert": Node("KeyFaceInvertToNoise", "Anonymize", {"model": Out("checkpoint", "MODEL"), "latent": Out("encode"),
@@ -87,14 +87,14 @@ WORKFLOWS = {
     "restore": Graph("Restore faces with the key", (("Your files", BLUE), ("Restore", PURPLE), ("Save", GREEN)),
                      RESTORE_NOTE, {
         "checkpoint": Node("CheckpointLoaderSimple", "Your files", {"ckpt_name": CHECKPOINT},
-                           "Same checkpoint as the anonymizing run", lane=1),
+                           "Same checkpoint as the anonymizing run", lane=-1),
         "anonymized": Node("KeyFaceLoadAnonymized", "Your files", {"image": "keyface_anonymized.png",
                                                                    "vae": Out("checkpoint", "VAE"),
                                                                    "metadata": "(from the image)"},
                            "Anonymized PNG (as saved)"),
-        "key": Node("KeyFaceLoadKey", "Your files", dict(LOAD_KEY), "The key that anonymized it", lane=1),
+        "key": Node("KeyFaceLoadKey", "Your files", dict(LOAD_KEY), "The key that anonymized it", lane=-1),
         "prompt": Node("CLIPTextEncode", "Restore", {"text": PROMPT, "clip": Out("checkpoint", "CLIP")},
-                       "Same prompt as the anonymizing run", lane=1),
+                       "Same prompt as the anonymizing run", lane=-1),
         "restore": Node("KeyFaceRestore", "Restore", {"model": Out("checkpoint", "MODEL"), "latent": Out("anonymized", "latent"),
                                                       "key": Out("key"), "positive": Out("prompt"),
                                                       "allow_wrong_key": False}),
@@ -117,6 +117,12 @@ def definitions(class_types) -> dict:
     import nodes
     infos = {t: workflow_ui.node_info(t) for t in class_types}
     workflow_ui.display_names.update({t: info["display_name"] for t, info in infos.items()})
+    import tomllib
+    import comfyui_version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for t, info in infos.items():
+        custom = str(info.get("python_module", "")).startswith("custom_nodes.")
+        workflow_ui.packs[t] = (project["name"], project["version"]) if custom else ("comfy-core", comfyui_version.__version__)
     assert all(t in nodes.NODE_CLASS_MAPPINGS for t in class_types)
     return {t: workflow_ui.node_def(info) for t, info in infos.items()}
 
@@ -130,7 +136,7 @@ def render() -> dict[Path, str]:
         defs = definitions({n.class_type for n in graph.nodes.values()})
         ui_file, api_file = paths(workflow_id)
         ui = workflow_ui.ui_workflow(graph, defs, version)
-        problems = workflow_ui.readability_problems(*workflow_ui.planned_geometry(ui, defs))
+        problems = workflow_ui.readability_problems(*workflow_ui.planned_geometry(ui), margin=workflow_ui.PLAN_MARGIN)
         if problems:
             raise SystemExit(f"{graph.file}: layout problems: " + "; ".join(problems))
         files[ui_file] = json.dumps(ui, indent=1) + "\n"
