@@ -45,6 +45,30 @@ REFERENCE_PURPOSE = "original-latent-f16/v2"
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class InversionSettings:
+    """What the inversion ran with; Restore's retrace must use exactly this (stored in the file)."""
+
+    steps: int
+    scheduler: str
+    method: str
+    cfg: float
+    model_id: str
+    cond_id: str
+    sigmas: torch.Tensor  # ComfyUI's float32 schedule, descending to 0 (replayed, never recomputed)
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What drew the anonymized face (informational: restore never re-runs it)."""
+
+    sampler: str
+    scheduler: str
+    steps: int
+    cfg: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class FaceBatch:
     """The public context of B face latents: one nonce and face index each, the latent mask, the background."""
 

@@ -18,6 +18,7 @@ from comfy_api.latest import io, ui
 from ..keyface_core import faces as face_core
 from ..keyface_core import masks as mask_core
 from ..keyface_core import metadata as meta
+from ..keyface_core import anonymized as anonymized_file
 from ..keyface_core import photo, protocol
 from ..keyface_core import sampling as core
 from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError
@@ -70,11 +71,7 @@ def _rgb(image: torch.Tensor, what: str = "image") -> torch.Tensor:
     raise InputMismatchError(f"the {what} has {channels} channels; KeyFace takes RGB, RGBA or grayscale images.")
 
 
-def pixels_digest(pixels: np.ndarray) -> str:
-    """SHA-256 of 8-bit RGB pixels and their size: tells Load Anonymized whether the file was altered."""
-    digest = hashlib.sha256(f"{pixels.shape[1]}x{pixels.shape[0]}:".encode())
-    digest.update(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
-    return digest.hexdigest()
+pixels_digest = anonymized_file.pixels_digest
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -158,6 +155,33 @@ def _check_image(image: torch.Tensor, faces: FaceSet) -> None:
 # ----------------------------------------------------------------------------------------------
 # The KeyFace PNG
 # ----------------------------------------------------------------------------------------------
+
+def build_record(faces: FaceSet, info: AnonymizedInfo, pixels: np.ndarray,
+                 sealed_pixels=None) -> anonymized_file.AnonymizedFile:
+    """Everything Restore needs except the key: the keyed noise and its context, bound to the saved pixels."""
+    if info.keyed.lock is None:
+        raise InputMismatchError("this latent was never key-flipped, so it is not anonymized; run Apply Key Flip "
+                                 "before Regenerate.")
+    fmt = info.latent_format
+    latent_format = anonymized_file.LatentFormat(int(info.samples.shape[1]), float(getattr(fmt, "scale_factor", 1.0)),
+                                                 float(getattr(fmt, "shift_factor", 0.0) or 0.0))
+    return anonymized_file.build(pixels, [r.box for r in faces.faces], [r.mask.cpu().numpy() for r in faces.faces],
+                                 faces.crop_size, info.keyed, info.settings, info.render, latent_format, info.samples,
+                                 sealed_pixels)
+
+
+def file_to_inputs(file: anonymized_file.AnonymizedFile, image: torch.Tensor) -> tuple[dict, FaceSet]:
+    """(anonymized LATENT with AnonymizedInfo, FaceSet) from a v2 file and its image."""
+    H, W = image.shape[1:3]
+    _check_size(file.image_size, W, H)
+    _check_schedule(file.inversion)
+    regions = tuple(FaceRegion(int(index), tuple(face.box), torch.from_numpy(face.crop_mask.astype(np.float32) / 255.0))
+                    for index, face in zip(file.keyed.faces.face_indices, file.faces))
+    faces = FaceSet((H, W), file.crop_size, regions)
+    info = AnonymizedInfo(file.inversion, file.keyed, file.render, file.anonymized, file.latent_format, None,
+                          file.sealed_pixels)
+    return {"samples": file.anonymized, INFO_KEY: info}, faces
+
 
 def _face_batch_v1(record, lmask: torch.Tensor, state: torch.Tensor) -> protocol.FaceBatch:
     # v1 held the background at the anonymized state itself (its outside equals the original's).

@@ -22,33 +22,10 @@ import torch
 
 from ..keyface_core import protocol, sampling
 from ..keyface_core.errors import InputMismatchError
+from ..keyface_core.protocol import InversionSettings, RenderSettings
 from ..keyface_core.protocol_v1 import V1Anonymized
 
 INFO_KEY = "keyface"
-
-
-@dataclass(frozen=True)
-class InversionSettings:
-    """What the inversion ran with; Restore's retrace must use exactly this (stored in the file)."""
-
-    steps: int
-    scheduler: str
-    method: str
-    cfg: float
-    model_id: str
-    cond_id: str
-    sigmas: torch.Tensor  # ComfyUI's float32 schedule, descending to 0 (replayed, never recomputed)
-
-
-@dataclass(frozen=True)
-class RenderSettings:
-    """What drew the anonymized face (informational: restore never re-runs it)."""
-
-    sampler: str
-    scheduler: str
-    steps: int
-    cfg: float
-    seed: int
 
 
 @dataclass(frozen=True)
