@@ -127,6 +127,7 @@ class ReadInfo:
     has_keyface_chunk: bool
     lossy: bool
     warnings: list[str] = field(default_factory=list)
+    resized: bool = False
 
 
 class _Invalid(Exception):
