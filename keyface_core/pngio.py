@@ -67,14 +67,14 @@ def read_png(path: Union[str, os.PathLike]) -> tuple[np.ndarray, ReadRecord, "v1
     chunks = v1._png_chunks(data) if data.startswith(v1._PNG_SIGNATURE) else []
     ours = [c for c in chunks if c[0] == CHUNK_TYPE]
     if not ours:
-        pixels, record, info = v1.read_png(source)
+        pixels, record, info = v1.read_png_bytes(source, data)
         info.resized = record is not None and tuple(record.image_size) != info.size
         return pixels, record, info
     if len(ours) > 1:
         raise MetadataError(f"{source.name} holds {len(ours)} KeyFace records, so it was edited after KeyFace saved "
                             f"it; {v2._DAMAGED}")
-    # Pixels and notes come from the v1 reader, which ignores unknown chunks.
-    pixels, legacy, info = v1.read_png(source)
+    # Pixels and notes come from the v1 reader; Pillow never sees the record chunk (it checks every CRC).
+    pixels, legacy, info = v1.read_png_bytes(source, data, drop=tuple(ours))
     if legacy is not None:
         raise MetadataError(f"{source.name} holds records of two KeyFace formats, so it was edited; {v2._DAMAGED}")
     ctype, start, end = ours[0]
@@ -86,7 +86,7 @@ def read_png(path: Union[str, os.PathLike]) -> tuple[np.ndarray, ReadRecord, "v1
     version = v2.peek_version(payload)
     if version is not None and version > v2.FORMAT_VERSION:
         raise MetadataError(f"{source.name} was anonymized by a newer KeyFace (metadata format version {version}); "
-                            "update the KeyFace node pack to restore it.")
+                            "Update the KeyFace node pack to restore it.")
     try:
         record = v2.decode(payload)
     except MetadataError as err:

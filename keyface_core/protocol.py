@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import sampling
-from .errors import InputMismatchError, KeyMaterialError, NoFaceError
+from .errors import InputMismatchError, KeyFaceError, KeyMaterialError, NoFaceError
 from .flip import flip_context, public_gaussian, seal, unseal
 from .keys import check_matches, key_check_value, new_nonce
 from .scramble import SCRAMBLES, scramble
@@ -420,9 +420,17 @@ def seal_pixel_residual(image_key: bytes, face_index: int, box, residual: np.nda
 
 def open_pixel_residual(image_key: bytes, face_index: int, box, sealed: SealedPixels) -> np.ndarray:
     """The residual; a wrong key or a tampered file fails authentication (KeyFaceError with what to do)."""
+    from .errors import MetadataError
     from .photo import unpack_residual
     from .secure import open_bytes
-    raw = open_bytes(image_key, PIXELS_PURPOSE, bytes(sealed.sealed), _box_aad(face_index, box))
+    try:
+        raw = open_bytes(image_key, PIXELS_PURPOSE, bytes(sealed.sealed), _box_aad(face_index, box))
+    except KeyFaceError:
+        raise
+    except Exception:  # the AEAD's authentication failure (cryptography's InvalidTag)
+        raise MetadataError(f"the sealed lossless pixels of face {face_index} do not authenticate: the file was "
+                            "tampered with (or its record altered). Restore the untouched PNG; the faces still "
+                            "restore without lossless mode.") from None
     return unpack_residual(raw, int(box[2]))
 
 

@@ -21,7 +21,8 @@ from ..keyface_core import metadata as meta
 from ..keyface_core import anonymized as anonymized_file
 from ..keyface_core import photo, pngio, protocol
 from ..keyface_core import sampling as core
-from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError
+from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError, WrongKeyError
+from ..keyface_core.keys import check_matches
 from ..keyface_core.protocol_v1 import V1Anonymized
 from .key_nodes import CATEGORY, KeyFaceKey
 from .latent_info import INFO_KEY, AnonymizedInfo, InversionSettings, RestoredInfo, V1Info, info_of
@@ -500,6 +501,9 @@ def restore_photo_from(image: torch.Tensor, faces: FaceSet, restored: dict, vae,
                               "Restore Photo to get the original pixels back bit for bit")
     predicted = photo.to_u8(out[0])
     keys = protocol.image_keys(key, info.faces.nonces, info.kdf)
+    if info.key_checks is not None and not all(check_matches(k, c) for k, c in zip(keys, info.key_checks)):
+        raise WrongKeyError(f"this key ({key.source}) is the wrong key for this file's sealed lossless pixels; connect "
+                            "the key that anonymized it.")
     boxes = [r.box for r in faces.faces]
     residuals = [protocol.open_pixel_residual(k, region.index, region.box, sealed)
                  for k, region, sealed in zip(keys, faces.faces, info.sealed_pixels)]
