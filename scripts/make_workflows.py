@@ -28,14 +28,16 @@ ANONYMIZE = {
                               "min_face_px": 0}, None),
     "6": ("KeyFaceCropFaces", {"image": ["2", 0], "faces": ["5", 1]}, None),
     "7": ("VAEEncode", {"pixels": ["6", 0], "vae": ["1", 2]}, None),
-    "8": ("KeyFaceInvertToNoise", {"model": ["1", 0], "latent": ["7", 0], "steps": 30, "scheduler": "karras",
+    "8": ("KeyFaceInvertToNoise", {"model": ["1", 0], "latent": ["7", 0], "steps": 20, "scheduler": "normal",
                                    "mode": "exact", "cfg": 1.0, "positive": ["4", 0], "mask": ["6", 1]}, None),
-    "9": ("KeyFaceApplyKeyFlip", {"noise": ["8", 0], "key": ["3", 0]}, None),
-    "10": ("KeyFaceRegenerate", {"model": ["1", 0], "noise": ["9", 0], "positive": ["4", 0]}, None),
+    "9": ("KeyFaceApplyKeyFlip", {"noise": ["8", 0], "key": ["3", 0], "scramble": "pairswap"}, None),
+    "14": ("KSamplerSelect", {"sampler_name": "dpmpp_2m"}, "Sampler for the new face (any)"),
+    "10": ("KeyFaceRegenerate", {"model": ["1", 0], "noise": ["9", 0], "sampler": ["14", 0], "scheduler": "normal",
+                                 "steps": 20, "cfg": 1.0, "seed": 0, "positive": ["4", 0]}, None),
     "11": ("VAEDecode", {"samples": ["10", 0], "vae": ["1", 2]}, None),
     "12": ("KeyFacePasteFaces", {"image": ["2", 0], "crops": ["11", 0], "faces": ["6", 2]}, None),
     "13": ("KeyFaceSaveAnonymized", {"image": ["12", 0], "faces": ["6", 2], "latent": ["10", 0],
-                                     "filename_prefix": "keyface/anonymized", "store_latent_payload": True}, None),
+                                     "filename_prefix": "keyface/anonymized", "lossless": False}, None),
 }
 
 RESTORE = {
@@ -45,9 +47,9 @@ RESTORE = {
     "4": ("CLIPTextEncode", {"text": PROMPT, "clip": ["1", 1]}, "Same prompt as the anonymizing run"),
     "5": ("KeyFaceRestore", {"model": ["1", 0], "latent": ["2", 1], "key": ["3", 0], "positive": ["4", 0],
                              "allow_wrong_key": False}, None),
-    "6": ("VAEDecode", {"samples": ["5", 0], "vae": ["1", 2]}, None),
-    "7": ("KeyFacePasteFaces", {"image": ["2", 0], "crops": ["6", 0], "faces": ["2", 2]}, None),
-    "8": ("SaveImage", {"images": ["7", 0], "filename_prefix": "keyface/restored"}, None),
+    "6": ("KeyFaceRestorePhoto", {"image": ["2", 0], "faces": ["2", 2], "restored": ["5", 0], "vae": ["1", 2],
+                                  "key": ["3", 0]}, None),
+    "8": ("SaveImage", {"images": ["6", 0], "filename_prefix": "keyface/restored"}, None),
 }
 
 GROUP = {k: (t, dict(i), title) for k, (t, i, title) in ANONYMIZE.items()}

@@ -57,6 +57,7 @@ def kf(host):
         errors = comfy_host.pack_module("keyface_core.errors")
         metadata = comfy_host.pack_module("keyface_core.metadata")
         sampling = comfy_host.pack_module("keyface_core.sampling")
+        protocol = comfy_host.pack_module("keyface_core.protocol")
     return Modules
 
 
