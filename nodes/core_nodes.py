@@ -272,7 +272,8 @@ def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=
     restored = _run(model, positive, negative, s.cfg, info.samples, s.sigmas, s.steps, body, stats)
     verification = protocol.verify(restored, keyed, key)
     samples = adapter.to_latent_space(model, restored)
-    out = RestoredInfo(s, keyed.faces, verification, samples, info.samples, info.sealed_pixels, keyed.lock.kdf)
+    out = RestoredInfo(s, keyed.faces, verification, samples, info.samples, info.sealed_pixels, keyed.lock.kdf,
+                       keyed.lock.key_checks)
     return make_latent(latent, samples, out), {"model_calls": stats.model_calls, "verification": verification}
 
 
