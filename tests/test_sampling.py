@@ -166,7 +166,7 @@ def test_plain_round_trip_error_is_its_closed_form(gauss, steps):
     sigmas = A.normal_sigmas(steps).to(F64)
     mu = gauss.means[0].reshape(1, *gauss.shape)
     x0 = gauss.sample(torch.zeros(3, dtype=torch.long), torch.Generator().manual_seed(4))
-    back = core.regenerate_euler(gauss.denoise, core.invert_euler(gauss.denoise, x0, sigmas, exact=False), sigmas)
+    back = core.regenerate_euler(gauss.denoise, core.invert_euler(gauss.denoise, x0, sigmas, implicit=False), sigmas)
     expected = mu + _eigen_apply(gauss, x0 - mu, _plain_round_trip_factor(sigmas))
     assert A.rel_err(back, expected) < 1e-12
     err = A.rel_err(back, x0)
@@ -230,7 +230,7 @@ def test_exact_single_tolerance_is_what_limits_the_error(gmm, clean):
     errs = {}
     for tol in (1e-4, 1e-10):
         stats = core.Stats()
-        noise = core.invert_euler(gmm.denoise, clean, sigmas, exact=True, tol=tol, max_iter=60, stats=stats)
+        noise = core.invert_euler(gmm.denoise, clean, sigmas, implicit=True, tol=tol, max_iter=60, stats=stats)
         assert max(stats.residuals) <= tol
         errs[tol] = A.rel_err(core.regenerate_euler(gmm.denoise, noise, sigmas), clean)
     assert errs[1e-10] < 1e-8
