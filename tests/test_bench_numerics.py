@@ -37,14 +37,15 @@ def test_analytic_restore_reports_lower_precision(kf):
     assert x[0] < x[1] < x[2]
 
 
-def test_tiny_unet_restore_reports_float16_and_refuses_cast_weights(kf, tiny):
+def test_tiny_unet_restore_reports_bfloat16_and_refuses_cast_weights(kf, tiny):
     from kfbench import common, exactness
     models, vae, _ = tiny
     bench_models = common.Models("tiny", models["eps"], [[torch.zeros(1, 77, 32), {}]], vae)
-    rows = _rows(exactness.numerics_tiny(bench_models, 4, crop_size=64))
+    # bfloat16 only: float16 convolutions are slow on CPU (the analytic test covers float16).
+    rows = _rows(exactness.numerics_tiny(bench_models, 4, crop_size=64, dtypes=(torch.bfloat16,)))
     same = rows["float32 UNet, 1 thread(s) (as anonymized)"]
     assert same["exact"] is True and same["relative_error"] == 0 and same["model_calls"] == 4
-    for dtype in ("float16", "bfloat16"):
+    for dtype in ("bfloat16",):
         _assert_differs(rows[f"UNet computing in {dtype} (manual_cast, float32 weights)"])
         assert "different model" in rows[f"UNet weights cast to {dtype}"]["refused"]
         _assert_differs(rows[f"UNet weights cast to {dtype}, fingerprint check bypassed"])

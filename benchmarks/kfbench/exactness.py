@@ -196,7 +196,8 @@ class _NoProgress:
         pass
 
 
-def numerics_tiny(models: Models, steps: int, progress=None, crop_size: int = 128, threads: int = 1) -> dict:
+def numerics_tiny(models: Models, steps: int, progress=None, crop_size: int = 128, threads: int = 1,
+                  dtypes=(torch.float16, torch.bfloat16)) -> dict:
     """Issue 11: what Restore says when the restorer's numerics differ from the anonymizer's.
 
     Anonymized once with the float32 UNet at `threads` torch threads; restored with: the same (reference),
@@ -212,12 +213,12 @@ def numerics_tiny(models: Models, steps: int, progress=None, crop_size: int = 12
     key = new_key("numerics")
     previous = torch.get_num_threads()
     try:
-        return _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads)
+        return _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads, dtypes)
     finally:
         torch.set_num_threads(previous)
 
 
-def _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads) -> dict:
+def _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads, dtypes) -> dict:
     from .common import manual_cast_unet, weight_cast_unet
     torch.set_num_threads(threads)
     noise, _ = cn.invert_latent(models.model, latent, steps, "normal", "exact", 1.0, cond, cond, mask=mask)
@@ -247,7 +248,7 @@ def _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key
     finally:
         torch.set_num_threads(threads)
     progress.update(1)
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
         restore(f"UNet computing in {name} (manual_cast, float32 weights)", manual_cast_unet(dtype))
         progress.update(1)
