@@ -191,7 +191,13 @@ def node_restore_table(models: Models, steps: int, methods, calls_steps, progres
             "mask_fraction": float((mask >= 0.5).float().mean()), "rows": rows, "calls_vs_steps": per_steps}
 
 
-def numerics_tiny(models: Models, steps: int, progress, crop_size: int = 128, threads: int = 1) -> dict:
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def numerics_tiny(models: Models, steps: int, progress=None, crop_size: int = 128, threads: int = 1,
+                  dtypes=(torch.float16, torch.bfloat16)) -> dict:
     """Issue 11: what Restore says when the restorer's numerics differ from the anonymizer's.
 
     Anonymized once with the float32 UNet at `threads` torch threads; restored with: the same (reference),
@@ -199,12 +205,21 @@ def numerics_tiny(models: Models, steps: int, progress, crop_size: int = 128, th
     manual_cast: the model fingerprint matches, so Restore runs), and the UNet's weights cast to float16 /
     bfloat16 (a checkpoint loaded in that dtype: another fingerprint, so Restore refuses it as another model;
     X is then measured with the original's fingerprint lent to it)."""
-    from .common import manual_cast_unet, weight_cast_unet
+    progress = progress if progress is not None else _NoProgress()
     cn = pack("nodes.core_nodes")
     adapter = pack("nodes.model_adapter")
     cond = models.cond
     latent, mask = face_latent(models, crop_size)
     key = new_key("numerics")
+    previous = torch.get_num_threads()
+    try:
+        return _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads, dtypes)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads, dtypes) -> dict:
+    from .common import manual_cast_unet, weight_cast_unet
     torch.set_num_threads(threads)
     noise, _ = cn.invert_latent(models.model, latent, steps, "normal", "exact", 1.0, cond, cond, mask=mask)
     anon, _ = cn.regenerate_latent(models.model, cn.flip_latent(noise, key), cond, cond, steps=steps)
@@ -233,7 +248,7 @@ def numerics_tiny(models: Models, steps: int, progress, crop_size: int = 128, th
     finally:
         torch.set_num_threads(threads)
     progress.update(1)
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
         restore(f"UNet computing in {name} (manual_cast, float32 weights)", manual_cast_unet(dtype))
         progress.update(1)
@@ -266,6 +281,14 @@ def numerics_analytic(n: int, steps: int, progress=None, threads: int = 1) -> di
     nonces = tuple(hashlib.sha256(b"keyface-bench/numerics/" + bytes([i])).digest()[:16] for i in range(n))
     faces = protocol.FaceBatch(nonces, tuple(range(n)), mask, protocol.public_background(x0, mask))
     key = keys.SecretKey(hashlib.sha256(b"keyface-bench/numerics/key").digest(), kind="key", source="numerics bench")
+    previous = torch.get_num_threads()
+    try:
+        return _numerics_analytic(gmm, x0, ids, sigmas, mask, faces, key, n, steps, progress, threads, protocol)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _numerics_analytic(gmm, x0, ids, sigmas, mask, faces, key, n, steps, progress, threads, protocol) -> dict:
     torch.set_num_threads(threads)
     noise = protocol.invert(gmm.denoise, x0, sigmas, faces, method="exact")
     keyed = protocol.lock(noise, x0, faces, key)
