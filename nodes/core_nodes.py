@@ -419,6 +419,9 @@ class Restore(io.ComfyNode):
     def execute(cls, model, latent, key, positive=None, negative=None, allow_wrong_key=False) -> io.NodeOutput:
         out, stats = restore_latent(model, latent, key, positive, negative, None, allow_wrong_key)
         report = f"{stats['verification'].message()} ({stats['model_calls']} model calls)"
+        method = getattr(getattr(info_of(latent), "settings", None), "method", "exact")
+        if method != "exact" and not stats["verification"].exact:
+            report += f"; note: this file was inverted with the approximate mode '{method}', which alone explains a difference"
         return io.NodeOutput(out, report, ui=ui.PreviewText(report))
 
 

@@ -422,7 +422,7 @@ class SaveAnonymized(io.ComfyNode):
                 io.Boolean.Input("lossless", default=False, optional=True,
                                  tooltip="Also seal (encrypted with the key) the pixel difference between the original "
                                          "photo and what Restore gives, so Restore returns the original photo bit for "
-                                         "bit. Needs original, vae and key connected; adds a few KB per face."),
+                                         "bit. Needs original, vae and key connected; adds roughly 200-500 KB per 512x512 face (measured)."),
                 io.Image.Input("original", optional=True, tooltip="Lossless mode: the original photo (LoadImage)."),
                 io.Vae.Input("vae", optional=True, tooltip="Lossless mode: the VAE that decoded the faces."),
                 KeyFaceKey.Input("key", optional=True, tooltip="Lossless mode: the key that seals the pixel residual."),
