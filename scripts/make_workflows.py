@@ -62,17 +62,19 @@ def anonymize(photo: str, title: str) -> dict[str, Node]:
         "key": Node("KeyFaceLoadKey", "Anonymize", dict(LOAD_KEY), "Your key", lane=-1),
         "encode": Node("VAEEncode", "Anonymize", {"pixels": Out("crops", "crops"), "vae": Out("checkpoint", "VAE")}),
         "invert": Node("KeyFaceInvertToNoise", "Anonymize", {"model": Out("checkpoint", "MODEL"), "latent": Out("encode"),
-                                                             "steps": 30, "scheduler": "karras", "mode": "exact", "cfg": 1.0,
+                                                             "steps": 20, "scheduler": "normal", "mode": "exact", "cfg": 1.0,
                                                              "positive": Out("prompt"), "mask": Out("crops", "masks")}),
-        "flip": Node("KeyFaceApplyKeyFlip", "Anonymize", {"noise": Out("invert"), "key": Out("key")}),
+        "flip": Node("KeyFaceApplyKeyFlip", "Anonymize", {"noise": Out("invert"), "key": Out("key"), "scramble": "pairswap"}),
+        "sampler": Node("KSamplerSelect", "Anonymize", {"sampler_name": "dpmpp_2m"}, "Sampler for the new face (any)", lane=-1),
         "regenerate": Node("KeyFaceRegenerate", "Anonymize", {"model": Out("checkpoint", "MODEL"), "noise": Out("flip"),
-                                                              "positive": Out("prompt")}),
+                                                              "sampler": Out("sampler"), "scheduler": "normal", "steps": 20,
+                                                              "cfg": 1.0, "seed": 0, "positive": Out("prompt")}),
         "decode": Node("VAEDecode", "Anonymize", {"samples": Out("regenerate"), "vae": Out("checkpoint", "VAE")}),
         "paste": Node("KeyFacePasteFaces", "Save", {"image": Out("photo", "IMAGE"), "crops": Out("decode"),
                                                     "faces": Out("crops", "faces")}),
         "save": Node("KeyFaceSaveAnonymized", "Save", {"image": Out("paste"), "faces": Out("crops", "faces"),
                                                        "latent": Out("regenerate"), "filename_prefix": "keyface/anonymized",
-                                                       "store_latent_payload": True}),
+                                                       "lossless": False}),
     }
 
 
@@ -98,10 +100,10 @@ WORKFLOWS = {
         "restore": Node("KeyFaceRestore", "Restore", {"model": Out("checkpoint", "MODEL"), "latent": Out("anonymized", "latent"),
                                                       "key": Out("key"), "positive": Out("prompt"),
                                                       "allow_wrong_key": False}),
-        "decode": Node("VAEDecode", "Restore", {"samples": Out("restore"), "vae": Out("checkpoint", "VAE")}),
-        "paste": Node("KeyFacePasteFaces", "Save", {"image": Out("anonymized", "image"), "crops": Out("decode"),
-                                                    "faces": Out("anonymized", "faces")}),
-        "save": Node("SaveImage", "Save", {"images": Out("paste"), "filename_prefix": "keyface/restored"}),
+        "photo": Node("KeyFaceRestorePhoto", "Restore", {"image": Out("anonymized", "image"), "faces": Out("anonymized", "faces"),
+                                                         "restored": Out("restore"), "vae": Out("checkpoint", "VAE"),
+                                                         "key": Out("key")}),
+        "save": Node("SaveImage", "Save", {"images": Out("photo"), "filename_prefix": "keyface/restored"}),
     }),
 }
 

@@ -140,7 +140,7 @@ def run_in_editor(server, page, console, changes: dict, timeout: float = 900) ->
 
 def fast(checkpoint: str) -> dict:
     return {"CheckpointLoaderSimple.ckpt_name": checkpoint, "KeyFaceFaceMask.crop_size": CROP,
-            "KeyFaceInvertToNoise.steps": STEPS}
+            "KeyFaceInvertToNoise.steps": STEPS, "KeyFaceRegenerate.steps": STEPS}
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +173,8 @@ def thumbnail(workflow_id: str) -> Path:
 
 
 def face_box(path: Path):
-    from keyface_core import metadata
-    return metadata.read_png(path)[1].faces[0].box
+    from keyface_core import pngio
+    return pngio.read_png(path)[1].faces[0].box
 
 
 def test_group_workflow_runs_in_the_editor(ui):
