@@ -245,3 +245,35 @@ def test_thumbnails_and_screenshots_are_committed():
             assert path.is_file(), f"{path.relative_to(REPO)} missing: run KEYFACE_UPDATE_DOCS=1 pytest tests/test_frontend.py"
             with Image.open(path) as im:
                 assert im.format == fmt and min(im.size) >= 200
+
+
+def test_create_key_in_the_editor_shows_where_the_key_is(ui):
+    """A first key without a terminal: add Create Key, press Run; the node says where the file is and to back it
+    up. The message is not saved into the workflow, and the key bytes appear nowhere on the page."""
+    import stat
+    server, page, console, _, _ = ui
+    mark = console.mark()
+    page.evaluate("""() => { app.graph.clear(); const n = LiteGraph.createNode('KeyFaceCreateKey'); n.pos = [120, 160];
+        app.graph.add(n); n.widgets.find(w => w.name === 'name').value = 'first_key'; }""")
+    before = set(server.get("/history"))
+    page.evaluate(frontend.JS_QUEUE)
+    deadline = time.monotonic() + 120
+    while not set(server.get("/history")) - before:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.3)
+    path = server.keys_dir / "first_key.key"
+    page.wait_for_function("() => app.graph.nodes[0].widgets.some(w => w.name === 'keyface_message' && w.value)",
+                           timeout=30_000)
+    shown = page.evaluate("() => app.graph.nodes[0].widgets.find(w => w.name === 'keyface_message').value")
+    assert str(path) in shown and "BACK IT UP" in shown
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    secret = path.read_text().strip()
+    workflow = page.evaluate("() => JSON.stringify(app.graph.serialize())")
+    page_text = page.evaluate("() => document.body.innerText + [...document.querySelectorAll('textarea')].map(t => t.value).join()")
+    assert "BACK IT UP" not in workflow          # a message, not a setting
+    for blob in (workflow, page_text, json.dumps(server.get("/history"))):
+        assert secret not in blob and secret.upper() not in blob
+    assert console.errors_since(mark) == [], console.failed_urls_since(mark)
+    if UPDATE_DOCS:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "Create Key.png"), clip={"x": 60, "y": 80, "width": 700, "height": 360})
