@@ -18,8 +18,17 @@ from conftest import REPO
 CROP = 128  # the tiny model's working size; shipped workflows use 512
 
 
+def workflow_paths(workflow_id: str) -> tuple[Path, Path]:
+    """(UI file, API file) of a shipped workflow by its id ("anonymize", "restore", "anonymize_group"; the old
+    file stems "keyface_anonymize"... still work, so tests written against them keep running)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_workflows
+    return make_workflows.paths(workflow_id.removeprefix("keyface_"))
+
+
 def load_api(name: str) -> dict:
-    prompt = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    """A shipped workflow's API twin with the checkpoint loader swapped for the in-process tiny model."""
+    prompt = json.loads(workflow_paths(name)[1].read_text())
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"] = "KeyFaceDevTinyCheckpoint"
@@ -117,3 +126,49 @@ def test_group_workflow_anonymizes_every_face(host, kf):
     record = kf.pngio.read_png(newest(work / "output" / "keyface", "anonymized_*.png"))[1]
     assert len(record.faces) >= 2
     assert len(set(record.keyed.faces.nonces)) == len(record.faces)
+
+
+# ------------------------------------------------------------------------------------ Create Key (issue 15, item 6)
+
+def create_key_prompt(name: str) -> dict:
+    return {"1": {"class_type": "KeyFaceCreateKey", "inputs": {"name": name}}}
+
+
+def test_create_key_writes_a_new_owner_only_key_and_says_where(host, kf):
+    import os
+    import stat
+    keys = Path(os.environ["KEYFACE_KEYS_DIR"])
+    executor, server = run(create_key_prompt("made_in_the_editor"))
+    assert executor.success, server.messages
+    path = keys / "made_in_the_editor.key"
+    content = path.read_text().strip()
+    assert len(content) == 64 and int(content, 16) >= 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    shown = json.dumps(executor.history_result["outputs"])
+    assert str(path) in shown and "BACK IT UP" in shown and "nothing anonymized with this key can ever be restored" in shown
+    assert content not in shown and content.upper() not in shown
+    loaded = kf.key_nodes.LoadKey.execute("key file", path.name, "KEYFACE_KEY", "key").args[0]
+    assert "made_in_the_editor.key" in str(loaded) and content not in repr(loaded)
+
+
+def test_create_key_never_overwrites_an_existing_key(host, kf):
+    import os
+    keys = Path(os.environ["KEYFACE_KEYS_DIR"])
+    before = (keys / "my_keyface.key").read_bytes()
+    executor, server = run(create_key_prompt("my_keyface"))
+    assert executor.success, server.messages
+    assert (keys / "my_keyface.key").read_bytes() == before
+    shown = json.dumps(executor.history_result["outputs"])
+    assert "already exists" in shown and "NOT overwritten" in shown
+
+
+@pytest.mark.parametrize("name", ["../escape", "sub/dir", "", ".hidden", "x" * 80, "a..b"])
+def test_create_key_refuses_names_that_are_not_plain_file_names(host, kf, name):
+    import os
+    keys = Path(os.environ["KEYFACE_KEYS_DIR"])
+    before = sorted(p.name for p in keys.iterdir())
+    executor, _ = run(create_key_prompt(name))
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert not executor.success and "plain file name" in errors[0]["exception_message"]
+    assert sorted(p.name for p in keys.iterdir()) == before
+    assert not (keys.parent / "escape.key").exists()
