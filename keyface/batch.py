@@ -65,13 +65,15 @@ def walk(inputs: Iterable[str], exclude: Optional[Path] = None) -> list[tuple[Pa
 
     for item in inputs:
         path = Path(item)
+        if (path.exists() or path.is_symlink()) and skip(path):
+            raise UsageError(f"input '{item}' is inside the output folder; choose an --out outside the inputs "
+                             "(KeyFace never overwrites an input).")
         if path.is_dir():
             for sub in sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink()):
                 if sub.suffix.lower() in IMAGE_SUFFIXES and not sub.name.startswith(".") and not skip(sub):
                     found.append((sub, sub.relative_to(path).as_posix()))
         elif path.exists() or path.is_symlink():
-            if not skip(path):
-                found.append((path, path.name))     # named explicitly: processed (and reported) whatever its suffix
+            found.append((path, path.name))     # named explicitly: processed (and reported) whatever its suffix
         elif _has_magic(item):
             parts = Path(item).parts
             magic_at = next(i for i, p in enumerate(parts) if _has_magic(p))
@@ -153,11 +155,30 @@ def default_report_path(out: Path) -> Path:
     return out.parent / f"{out.name}.keyface-report.json"
 
 
+def journal_path(report: Path) -> Path:
+    return Path(report).with_name(Path(report).name + ".journal")
+
+
 def load_report(path: Path) -> dict:
+    """The report of an earlier run, with the rows its journal holds beyond it (a killed run's last images)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).suffix.lower() != ".csv" else \
+            {"images": list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))}
     except (OSError, ValueError):
-        return {}
+        doc = {}
+    rows = {row.get("source"): row for row in doc.get("images", []) if isinstance(row, dict)}
+    try:
+        for line in journal_path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue            # the line a kill cut short
+            if isinstance(row, dict):
+                rows[row.get("source")] = row
+    except OSError:
+        pass
+    doc["images"] = list(rows.values())
+    return doc
 
 
 class Report:
@@ -167,7 +188,7 @@ class Report:
               "verified", "max_abs_error")
 
     def __init__(self, path: Path, command: str, settings: dict, tasks: list[Task], previous: Optional[dict] = None,
-                 every_s: float = 2.0):
+                 every_s: float = 30.0):
         self.path, self.command, self.settings = Path(path), command, settings
         self.every_s = every_s
         self.rows: dict[str, dict] = {}
@@ -188,6 +209,11 @@ class Report:
         row["source"] = task.key
         row["output"] = task.rel if result.status in ("ok", "skipped") else None
         self.rows[task.key] = row
+        if result.status != "skipped":
+            # One appended line per image: what a kill cannot take back (the full report is rewritten rarely).
+            fd = os.open(journal_path(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as journal:
+                journal.write(json.dumps(row) + "\n")
         if time.monotonic() - self._last_write >= self.every_s:
             self.write()
 
@@ -203,7 +229,7 @@ class Report:
                 "seconds": round(time.time() - self.started, 3), "counts": self.counts(),
                 "images": [self.rows[k] for k in self.order]}
 
-    def write(self) -> None:
+    def write(self, final: bool = False) -> None:
         self._last_write = time.monotonic()
         if self.path.suffix.lower() == ".csv":
             buffer = io.StringIO()
@@ -215,6 +241,11 @@ class Report:
         else:
             data = (json.dumps(self.document(), indent=1) + "\n").encode("utf-8")
         _replace_atomic(self.path, data)
+        if final:
+            try:
+                journal_path(self.path).unlink()
+            except OSError:
+                pass
 
 
 def _replace_atomic(path: Path, data: bytes) -> None:

@@ -109,6 +109,8 @@ def _run_options(fn):
                      help="Ray cluster address (ray://host:10001 or auto); default: start a local cluster."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Ray actors (default: one per GPU, or CPUs - 1); each gets a share of the cluster's CPUs."),
+        click.option("--ray-cpus", type=click.IntRange(min=1), default=None,
+                     help="CPUs of the local Ray cluster started when no --address is given (default: all)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
                      show_default=True, help="Model weights' dtype (exactness needs the same at restore)."),
@@ -336,7 +338,7 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model, out, engine, address, workers,
+def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model, out, engine, address, workers, ray_cpus,
                device, dtype, threads, report_path, flat_names, allow_no_face, progress, verbose) -> int:
     from . import batch, engines, store
 
@@ -394,7 +396,8 @@ def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model,
             def started(plan, seconds):
                 log.info("ray: %d actors, %.2f CPU / %.2f GPU each, started in %.1f s", plan.workers, plan.num_cpus,
                          plan.num_gpus, seconds)
-            engines.run_ray(todo, job, on_result, address=address, workers=workers, on_started=started)
+            engines.run_ray(todo, job, on_result, address=address, workers=workers, local_cpus=ray_cpus,
+                            on_started=started)
         elif todo:
             try:
                 loaded = engines.setup_worker(job)
@@ -413,7 +416,7 @@ def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model,
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
-    report.write()
+    report.write(final=True)
     counts = report.counts()
     elapsed = time.perf_counter() - start
     done_now = counts.get("ok", 0)

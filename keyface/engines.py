@@ -139,8 +139,8 @@ def size_pool(resources: dict, workers: Optional[int], device: str) -> RayPlan:
         num_cpus = max(0.25, min(1.0, (cpus - 1.0) / n))
         return RayPlan(n, round(num_cpus, 2), round(num_gpus, 2), 1)
     n = workers or max(1, int(cpus) - 1)
-    share = (cpus - 1.0) / n if cpus > 1 else cpus / (2 * n)
-    num_cpus = max(0.05, min(float(max(1, math.floor(share))), share)) if share >= 1 else max(0.05, share)
+    share = (cpus - 1.0 if cpus > 1 else cpus / 2) / n
+    num_cpus = float(math.floor(share)) if share >= 1 else max(0.05, share)
     return RayPlan(n, round(num_cpus, 2), 0.0, max(1, math.floor(num_cpus)))
 
 
@@ -162,7 +162,7 @@ class _RayWorker:
 
 
 def run_ray(tasks: list[Task], job: Job, on_result: Callable[[Task, pipeline.ImageResult], None], *,
-            address: Optional[str] = None, workers: Optional[int] = None,
+            address: Optional[str] = None, workers: Optional[int] = None, local_cpus: Optional[int] = None,
             on_started: Optional[Callable[[RayPlan, float], None]] = None) -> RayPlan:
     try:
         import ray
@@ -170,9 +170,20 @@ def run_ray(tasks: list[Task], job: Job, on_result: Callable[[Task, pipeline.Ima
     except ImportError:
         raise KeyFaceError("--engine ray needs Ray Data: pip install 'keyface[ray]' (ray[data]==2.60.0).") from None
     started = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=True)
+    owned = not ray.is_initialized()
+    if owned:
+        # address None starts a local cluster (stopped again below); "auto" or ray://... joins an existing one.
+        ray.init(address=address, num_cpus=local_cpus if address is None else None, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        return _run_on_ray(ray, tasks, job, on_result, workers, on_started, started)
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _run_on_ray(ray, tasks, job, on_result, workers, on_started, started) -> RayPlan:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
