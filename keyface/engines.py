@@ -172,9 +172,10 @@ def run_ray(tasks: list[Task], job: Job, on_result: Callable[[Task, pipeline.Ima
     started = time.perf_counter()
     owned = not ray.is_initialized()
     if owned:
-        # address None starts a local cluster (stopped again below); "auto" or ray://... joins an existing one.
-        ray.init(address=address, num_cpus=local_cpus if address is None else None, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        # No address: always a new local cluster ("local"; stopped below), never one found lying around in /tmp/ray;
+        # "auto", host:port or ray://host:10001 joins an existing one.
+        ray.init(address=address or "local", num_cpus=local_cpus if address is None else None,
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         return _run_on_ray(ray, tasks, job, on_result, workers, on_started, started)
