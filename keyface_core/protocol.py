@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import sampling
-from .errors import InputMismatchError, KeyMaterialError, NoFaceError
+from .errors import InputMismatchError, KeyFaceError, KeyMaterialError, NoFaceError
 from .flip import flip_context, public_gaussian, seal, unseal
 from .keys import check_matches, key_check_value, new_nonce
 from .scramble import SCRAMBLES, scramble
@@ -37,7 +37,7 @@ RESIDUAL_PURPOSE = "residual-seal"
 PIXELS_PURPOSE = "pixel-residual/v2"
 PIXELS_DIGEST_PURPOSE = "original-pixels/v2"
 DIGEST_PURPOSE = "original-latent/v2"
-REFERENCE_PURPOSE = "original-latent-f16/v2"
+REFERENCE_PURPOSE = "original-latent-f32/v2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class Lock:
     key_checks: tuple                   # per item, 64-bit HMAC check of the image key (Restore refuses a wrong key)
     sealed_residuals: tuple             # per item, uint8 array (leapfrog second state XOR keystream) or None
     original_digests: tuple             # per item, keyed digest of the original latent (verified restore)
-    references: tuple                   # per item, the original latent in float16, sealed (AEAD): measures X
+    references: tuple                   # per item, the original latent in float32, sealed (AEAD): measures X
     kdf: Optional[dict] = None          # passphrase KDF parameters (None for key files)
 
 
@@ -110,24 +110,32 @@ class KeyedNoise:
 
 @dataclass(frozen=True)
 class Verification:
-    """Restore's verdict on its own result."""
+    """Restore's verdict on its own result, against the keyed digest and the sealed float32 reference."""
 
-    exact: Optional[bool]               # True: digest matches; False: it does not; None: nothing to check against
-    relative_error: Optional[float]     # vs the sealed float16 reference (resolution ~5e-4), when it differs
+    exact: Optional[bool]               # True: equal to the original (bit for bit, or within `ulps`); None: unknown
+    relative_error: Optional[float]     # relative L2 difference to the original (0 when bit for bit)
     max_abs_error: Optional[float]
     wrong_key: bool = False
+    ulps: int = 0                       # largest difference in float32 units in the last place
+    differing: int = 0                  # how many latent values differ at all
+    values: int = 0
 
     def message(self) -> str:
         if self.wrong_key:
             return "not the original: the key does not match the one that anonymized this image (allow_wrong_key)"
-        if self.exact:
+        if self.exact and self.differing == 0:
             return "verified exact: the restored face latent equals the original bit for bit (keyed digest matches)"
+        if self.exact:
+            return (f"verified exact to float32 rounding: {self.differing} of {self.values} latent values are "
+                    f"{self.ulps} float32 step(s) from the original (the float64 retrace left ~1e-10)")
         if self.exact is None:
             return "not verified: this file carries no digest of the original"
-        if self.relative_error is None:
-            return "differs from the original (keyed digest does not match)"
-        return (f"differs from the original by {self.relative_error:.3g} relative L2 (max {self.max_abs_error:.3g}); "
-                "the restorer's numerics differ from the anonymizer's (model dtype, device, thread count or kernels)")
+        return (f"differs from the original by {self.relative_error:.3g} relative L2 (max {self.max_abs_error:.3g}, "
+                f"{self.differing} of {self.values} values); the restorer's numerics differ from the anonymizer's "
+                "(model dtype, device, thread count or kernels)")
+
+
+ROUNDING_ULPS = 2   # a retrace that lands within this many float32 steps counts as exact (see Verification)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +205,8 @@ def _f32_bytes(latent: torch.Tensor) -> bytes:
 
 def _seal_reference(image_key: bytes, face_index: int, latent: torch.Tensor) -> bytes:
     from .secure import seal_bytes
-    f16 = np.ascontiguousarray(latent.detach().cpu().to(torch.float16).numpy(), dtype="<f2").tobytes()
-    return seal_bytes(image_key, REFERENCE_PURPOSE, f16, _aad(face_index, latent.shape))
+    f32 = np.ascontiguousarray(latent.detach().cpu().to(torch.float32).numpy(), dtype="<f4").tobytes()
+    return seal_bytes(image_key, REFERENCE_PURPOSE, f32, _aad(face_index, latent.shape))
 
 
 def _aad(face_index: int, shape) -> bytes:
@@ -285,20 +293,25 @@ def verify(restored: torch.Tensor, keyed: KeyedNoise, key) -> Verification:
     keys = image_keys(key, keyed.faces.nonces, lk.kdf)
     if not all(check_matches(k, stored) for k, stored in zip(keys, lk.key_checks)):
         return Verification(False, None, None, wrong_key=True)
+    values = int(restored.numel())
     if all(_digest(k, r) == d for k, r, d in zip(keys, restored, lk.original_digests)):
-        return Verification(True, 0.0, 0.0)
+        return Verification(True, 0.0, 0.0, values=values)
     references = []
     from .secure import open_bytes
     for k, face, r, sealed in zip(keys, keyed.faces.face_indices, restored, lk.references):
         if sealed is None:
-            return Verification(False, None, None)
+            return Verification(False, None, None, values=values)
         raw = open_bytes(k, REFERENCE_PURPOSE, bytes(sealed), _aad(face, r.shape))
-        references.append(torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float64).reshape(tuple(r.shape))))
+        references.append(torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy().reshape(tuple(r.shape))))
     reference = torch.stack(references)
-    restored = restored.detach().cpu().to(torch.float64)
-    diff = restored - reference
-    rel = float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(reference).clamp_min(1e-30))
-    return Verification(False, rel, float(diff.abs().max()))
+    mine = restored.detach().cpu().to(torch.float32)
+    diff = (mine.double() - reference.double())
+    spacing = torch.from_numpy(np.spacing(np.abs(reference.numpy()))).double()
+    ulps = int(torch.ceil((diff.abs() / spacing).max()).item()) if values else 0
+    differing = int((mine != reference).sum())
+    rel = float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(reference.double()).clamp_min(1e-30))
+    return Verification(ulps <= ROUNDING_ULPS, rel, float(diff.abs().max()), ulps=ulps, differing=differing,
+                        values=values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,9 +433,17 @@ def seal_pixel_residual(image_key: bytes, face_index: int, box, residual: np.nda
 
 def open_pixel_residual(image_key: bytes, face_index: int, box, sealed: SealedPixels) -> np.ndarray:
     """The residual; a wrong key or a tampered file fails authentication (KeyFaceError with what to do)."""
+    from .errors import MetadataError
     from .photo import unpack_residual
     from .secure import open_bytes
-    raw = open_bytes(image_key, PIXELS_PURPOSE, bytes(sealed.sealed), _box_aad(face_index, box))
+    try:
+        raw = open_bytes(image_key, PIXELS_PURPOSE, bytes(sealed.sealed), _box_aad(face_index, box))
+    except KeyFaceError:
+        raise
+    except Exception:  # the AEAD's authentication failure (cryptography's InvalidTag)
+        raise MetadataError(f"the sealed lossless pixels of face {face_index} do not authenticate: the file was "
+                            "tampered with (or its record altered). Restore the untouched PNG; the faces still "
+                            "restore without lossless mode.") from None
     return unpack_residual(raw, int(box[2]))
 
 

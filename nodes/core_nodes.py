@@ -219,23 +219,14 @@ def _sampler_name(sampler) -> str:
 
 
 def _counting(guider, stats: core.Stats):
-    """Count the guider's model calls (for the job-cost benchmark) without changing what it computes."""
-    original = guider.inner_model if hasattr(guider, "inner_model") else None
+    """The guider with its model evaluations counted (for benchmarks), computing exactly what it would."""
+    predict = guider.predict_noise
 
-    class Counted:
-        def sample(self, *args, **kwargs):
-            inner_predict = guider.predict_noise
-
-            def predict(*a, **k):
-                stats.model_calls += 1
-                return inner_predict(*a, **k)
-            guider.predict_noise = predict
-            try:
-                return guider.sample(*args, **kwargs)
-            finally:
-                guider.predict_noise = inner_predict
-    del original
-    return Counted()
+    def counted(*args, **kwargs):
+        stats.model_calls += 1
+        return predict(*args, **kwargs)
+    guider.predict_noise = counted   # this guider instance only; it is built per Regenerate call
+    return guider
 
 
 def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=None,
@@ -272,7 +263,8 @@ def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=
     restored = _run(model, positive, negative, s.cfg, info.samples, s.sigmas, s.steps, body, stats)
     verification = protocol.verify(restored, keyed, key)
     samples = adapter.to_latent_space(model, restored)
-    out = RestoredInfo(s, keyed.faces, verification, samples, info.samples, info.sealed_pixels, keyed.lock.kdf)
+    out = RestoredInfo(s, keyed.faces, verification, samples, info.samples, info.sealed_pixels, keyed.lock.kdf,
+                       keyed.lock.key_checks)
     return make_latent(latent, samples, out), {"model_calls": stats.model_calls, "verification": verification}
 
 
@@ -427,6 +419,9 @@ class Restore(io.ComfyNode):
     def execute(cls, model, latent, key, positive=None, negative=None, allow_wrong_key=False) -> io.NodeOutput:
         out, stats = restore_latent(model, latent, key, positive, negative, None, allow_wrong_key)
         report = f"{stats['verification'].message()} ({stats['model_calls']} model calls)"
+        method = getattr(getattr(info_of(latent), "settings", None), "method", "exact")
+        if method != "exact" and not stats["verification"].exact:
+            report += f"; note: this file was inverted with the approximate mode '{method}', which alone explains a difference"
         return io.NodeOutput(out, report, ui=ui.PreviewText(report))
 
 

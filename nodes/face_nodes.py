@@ -19,9 +19,10 @@ from ..keyface_core import faces as face_core
 from ..keyface_core import masks as mask_core
 from ..keyface_core import metadata as meta
 from ..keyface_core import anonymized as anonymized_file
-from ..keyface_core import photo, protocol
+from ..keyface_core import photo, pngio, protocol
 from ..keyface_core import sampling as core
-from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError
+from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError, WrongKeyError
+from ..keyface_core.keys import check_matches
 from ..keyface_core.protocol_v1 import V1Anonymized
 from .key_nodes import CATEGORY, KeyFaceKey
 from .latent_info import INFO_KEY, AnonymizedInfo, InversionSettings, RestoredInfo, V1Info, info_of
@@ -421,7 +422,7 @@ class SaveAnonymized(io.ComfyNode):
                 io.Boolean.Input("lossless", default=False, optional=True,
                                  tooltip="Also seal (encrypted with the key) the pixel difference between the original "
                                          "photo and what Restore gives, so Restore returns the original photo bit for "
-                                         "bit. Needs original, vae and key connected; adds a few KB per face."),
+                                         "bit. Needs original, vae and key connected; adds roughly 200-500 KB per 512x512 face (measured)."),
                 io.Image.Input("original", optional=True, tooltip="Lossless mode: the original photo (LoadImage)."),
                 io.Vae.Input("vae", optional=True, tooltip="Lossless mode: the VAE that decoded the faces."),
                 KeyFaceKey.Input("key", optional=True, tooltip="Lossless mode: the key that seals the pixel residual."),
@@ -500,6 +501,9 @@ def restore_photo_from(image: torch.Tensor, faces: FaceSet, restored: dict, vae,
                               "Restore Photo to get the original pixels back bit for bit")
     predicted = photo.to_u8(out[0])
     keys = protocol.image_keys(key, info.faces.nonces, info.kdf)
+    if info.key_checks is not None and not all(check_matches(k, c) for k, c in zip(keys, info.key_checks)):
+        raise WrongKeyError(f"this key ({key.source}) is the wrong key for this file's sealed lossless pixels; connect "
+                            "the key that anonymized it.")
     boxes = [r.box for r in faces.faces]
     residuals = [protocol.open_pixel_residual(k, region.index, region.box, sealed)
                  for k, region, sealed in zip(keys, faces.faces, info.sealed_pixels)]
@@ -550,17 +554,17 @@ def _resampled(pixels: np.ndarray, size: tuple) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize(tuple(size), Image.Resampling.LANCZOS)).copy()
 
 
-def load_anonymized(path, metadata_path=None, vae=None):
+def load_anonymized(path, metadata_path=None, vae=None, allow_altered: bool = False):
     """(IMAGE, anonymized LATENT, FaceSet, warnings) from a Save Anonymized PNG, or from an altered copy of it.
 
-    The metadata comes from `path` itself, or from `metadata_path` (the PNG Save Anonymized wrote) when `path`
-    is a copy that lost it (a JPEG a site served, a resized copy). Altered pixels only cost exactness: they
-    are resampled back to the recorded size and each alteration is reported in `warnings`.
-    """
-    pixels, record, read = meta.read_png(path)
+    The record comes from `path` itself, or from `metadata_path` (the PNG Save Anonymized wrote) when `path`
+    is a copy that lost it (a JPEG a site served, a resized copy). A record is bound to its pixels: pixels edited
+    after saving, or a record placed on other pixels, are refused unless `allow_altered` (then a warning)."""
+    pixels, record, read = pngio.read_png(path)
     warnings = list(read.warnings)
-    if metadata_path is not None:
-        _, record, meta_read = meta.read_png(metadata_path)
+    separate = metadata_path is not None
+    if separate:
+        _, record, _ = pngio.read_png(metadata_path)
         if record is None:
             raise MetadataError(f"'{Path(metadata_path).name}' (chosen as metadata) carries no KeyFace metadata either; "
                                 "pick the PNG Save Anonymized wrote.")
@@ -569,16 +573,18 @@ def load_anonymized(path, metadata_path=None, vae=None):
             warnings.append(f"the image is {read.format}, recompressed with losses: exactness is lost wherever its "
                             "pixels are used")
     if record is None:
-        raise MetadataError(f"'{Path(path).name}' carries no KeyFace metadata (nonces, masks, settings): restore "
-                            "is impossible without it. Use the PNG exactly as Save Anonymized wrote it"
-                            + (" (this file is lossy-compressed, which drops it)" if read.lossy else "")
-                            + ", or choose that PNG as Load Anonymized's metadata.")
+        raise MetadataError(_no_record_message(Path(path).name, read))
     size = tuple(record.image_size)
     if (pixels.shape[1], pixels.shape[0]) != size:
         warnings = [w for w in warnings if "resized after anonymization" not in w]
         warnings.append(f"the image is {pixels.shape[1]}x{pixels.shape[0]} but was saved as {size[0]}x{size[1]}; it "
                         "was resampled back, so pixels outside the faces are not the saved ones (exactness lost)")
         pixels = _resampled(pixels, size)
+    tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
+    if isinstance(record, anonymized_file.AnonymizedFile):
+        warnings += _check_binding(record, pixels, separate or read.lossy or bool(read.resized), allow_altered)
+        latent, faces = file_to_inputs(record, tensor)
+        return tensor, latent, faces, warnings
     stored = record.settings.get("pixels_sha256")
     exact_payload = all("state" in f.payload for f in record.faces)
     if isinstance(stored, str) and pixels_digest(pixels) != stored:
@@ -586,9 +592,36 @@ def load_anonymized(path, metadata_path=None, vae=None):
                         "restored photo keeps those changes outside the faces"
                         + ("; the faces themselves restore exactly from the stored latents" if exact_payload
                            else ", and the faces are re-encoded from them: approximate"))
-    tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
-    latent, faces, _ = record_to_inputs(record, tensor, vae)
+    latent, faces, _ = record_to_inputs_v1(record, tensor, vae)
     return tensor, latent, faces, warnings
+
+
+def _no_record_message(name: str, read) -> str:
+    """B01/B07: say what the file is, not what it might have been."""
+    if read.lossy:
+        return (f"'{name}' carries no KeyFace metadata: it is a {read.format} file, and lossy formats drop it "
+                "(nonces, masks, keyed noise). Restore needs the PNG exactly as Save Anonymized wrote it; or choose "
+                "that PNG as Load Anonymized's metadata to restore this copy.")
+    return (f"this image was not made by Save Anonymized (no KeyFace data in '{name}'): there is nothing to restore. "
+            "Pick the PNG Save Anonymized wrote (keyface/anonymized_*.png in the output folder).")
+
+
+def _check_binding(file, pixels: np.ndarray, expected_changes: bool, allow_altered: bool) -> list:
+    """A record belongs to one photo: refuse it on other pixels, and on pixels edited after saving."""
+    if anonymized_file.pixels_digest(pixels) == file.pixels_sha256:
+        return []
+    if file.look and anonymized_file.look_distance(file.look, anonymized_file.look_hash(pixels)) > anonymized_file.SAME_LOOK:
+        raise InputMismatchError("this KeyFace record belongs to another image: the pixels it was made with look "
+                                 "different (its stored look hash does not match). Use the PNG exactly as Save "
+                                 "Anonymized wrote it, or choose that PNG as the metadata of a copy of it.")
+    altered = anonymized_file.altered_regions(file, pixels)
+    where = f"face(s) {altered}" if altered else "the background"
+    if not (expected_changes or allow_altered):
+        raise InputMismatchError(f"the pixels of this file were edited after it was saved ({where} differ from the "
+                                 "record's digests), so the restored photo would keep those edits. Use the file "
+                                 "exactly as Save Anonymized wrote it, or enable allow_altered to restore anyway.")
+    return [f"the pixels differ from those Save Anonymized wrote ({where}): the restored photo keeps those changes "
+            "outside the faces; the faces themselves restore exactly from the stored keyed noise"]
 
 
 def _comfy_file(name: str, what: str) -> str:
@@ -615,17 +648,20 @@ class LoadAnonymized(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceLoadAnonymized", display_name="Load Anonymized", category=CATEGORY,
-            description="Loads a PNG written by Save Anonymized: the photo, the anonymized latents (exact payload) "
-                        "and the faces, ready for Restore -> VAE Decode -> Paste Faces.",
+            description="Loads a PNG written by Save Anonymized: the photo, its keyed noise and the faces, ready for "
+                        "Restore -> Restore Photo. Refuses a record that does not belong to these pixels.",
             inputs=[
                 io.Combo.Input("image", options=_input_files(), upload=io.UploadType.image,
                                tooltip="The anonymized PNG, in ComfyUI's input folder."),
-                io.Vae.Input("vae", optional=True, tooltip="Only needed when the file has no latent payload: the "
-                                                          "crops are re-encoded from pixels (approximate restore)."),
+                io.Vae.Input("vae", optional=True, tooltip="Only for old (format v1) files saved without their latent "
+                                                          "payload: the crops are re-encoded from pixels (approximate)."),
                 io.Combo.Input("metadata", options=[SAME_FILE, *_input_files()], default=SAME_FILE, optional=True,
                                tooltip="Where the KeyFace metadata comes from. Normally the image itself; pick the "
                                        "original PNG here to restore a copy that lost it (a JPEG or resized copy): "
                                        "works, with a warning that exactness is lost outside the faces."),
+                io.Boolean.Input("allow_altered", default=False, optional=True,
+                                 tooltip="Restore even when the pixels were edited after saving (the edits stay in "
+                                         "the restored photo; the faces still restore exactly). Off: refused."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The anonymized photo as saved."),
                      io.Latent.Output(display_name="latent", tooltip="The anonymized face latents with their KeyFace "
@@ -634,23 +670,23 @@ class LoadAnonymized(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, vae=None, metadata=SAME_FILE) -> io.NodeOutput:
+    def execute(cls, image, vae=None, metadata=SAME_FILE, allow_altered=False) -> io.NodeOutput:
         path = _comfy_file(image, "image")
         metadata_path = None if metadata in (None, SAME_FILE) else _comfy_file(metadata, "metadata file")
-        tensor, latent, faces, warnings = load_anonymized(path, metadata_path, vae)
+        tensor, latent, faces, warnings = load_anonymized(path, metadata_path, vae, bool(allow_altered))
         for warning in warnings:
             log.warning("KeyFace: %s", warning)
         return io.NodeOutput(tensor, latent, faces)
 
     @classmethod
-    def fingerprint_inputs(cls, image, vae=None, metadata=SAME_FILE):
+    def fingerprint_inputs(cls, image, vae=None, metadata=SAME_FILE, allow_altered=False):
         paths = [folder_paths.get_annotated_filepath(image)]
         if metadata not in (None, SAME_FILE):
             paths.append(folder_paths.get_annotated_filepath(metadata))
         return "|".join(_file_fingerprint(p) for p in paths)
 
     @classmethod
-    def validate_inputs(cls, image, vae=None, metadata=SAME_FILE):
+    def validate_inputs(cls, image, vae=None, metadata=SAME_FILE, allow_altered=False):
         for name, what in ((image, "image"), (metadata, "metadata file")):
             if what == "metadata file" and name in (None, SAME_FILE):
                 continue

@@ -86,6 +86,7 @@ class RestoredInfo:
     anonymized: Optional[torch.Tensor] = None   # the anonymized latent it replaces (VAE space): the feather band
     sealed_pixels: Optional[tuple] = None       # lossless files: per face protocol.SealedPixels
     kdf: Optional[dict] = None
+    key_checks: Optional[tuple] = None          # to tell a wrong key from a tampered lossless residual
 
     def __repr__(self) -> str:
         return f"<KeyFace restored: batch {self.faces.size}, {self.verification.message()}>"

@@ -62,26 +62,30 @@ def api_prompt(graph: dict) -> dict:
     return {nid: {"class_type": t, "inputs": inputs, "_meta": {"title": title or t}} for nid, (t, inputs, title) in graph.items()}
 
 
+DEFAULTS: dict = {}
+
+
 def _definition(class_type: str) -> tuple[list, list, list]:
     """(input slots [(name, type)], widget names in order, outputs [(name, type)]) from ComfyUI itself."""
     import nodes
     cls = nodes.NODE_CLASS_MAPPINGS[class_type]
     spec = cls.INPUT_TYPES()
-    slots, widgets = [], []
+    slots, widgets, trailing = [], [], []
     for section in ("required", "optional"):
         for name, value in spec.get(section, {}).items():
             kind = value[0]
             options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
             if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
                 widgets.append(name)
+                DEFAULTS[(class_type, name)] = options.get("default", kind[0] if isinstance(kind, list) and kind else None)
                 if options.get("control_after_generate"):
                     widgets.append(None)
                 if options.get("image_upload"):
-                    widgets.append("upload")
+                    trailing.append("upload")   # the frontend adds the upload button after every value widget
             else:
                 slots.append((name, kind))
     names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-    return slots, widgets, list(zip(names, cls.RETURN_TYPES))
+    return slots, widgets + trailing, list(zip(names, cls.RETURN_TYPES))
 
 
 def ui_workflow(graph: dict) -> dict:
@@ -101,8 +105,8 @@ def ui_workflow(graph: dict) -> dict:
                 link = len(links) + 1
                 links.append([link, int(src), src_slot, int(nid), slot_index, definitions[src][2][src_slot][1]])
                 out_links.setdefault((src, src_slot), []).append(link)
-            if link is not None or name in inputs:
-                node_inputs.append({"name": name, "type": kind, "link": link})
+            # Every socket, connected or not, as the frontend builds the node: link slot indices then match.
+            node_inputs.append({"name": name, "type": kind, "link": link})
         values = []
         for w in widgets:
             if w is None:
@@ -110,7 +114,7 @@ def ui_workflow(graph: dict) -> dict:
             elif w == "upload":
                 values.append("image")
             else:
-                values.append(inputs.get(w))
+                values.append(inputs.get(w, DEFAULTS.get((class_type, w))))
         column, row = divmod(order.index(nid), 4)
         ui_nodes.append({"id": int(nid), "type": class_type, "pos": [40 + 360 * column, 40 + 260 * row],
                          "size": [320, 200], "flags": {}, "order": order.index(nid), "mode": 0,

@@ -142,10 +142,11 @@ def scan(host, kf):
     # Per-face keys derived from the key file and from the passphrase, for every face that was saved.
     passphrase_key = kf.keys.SecretKey(PASSPHRASE.encode(), kind="passphrase", source="test")
     for path in (work / "output").rglob("anonymized_*.png"):
-        record = kf.metadata.read_png(path)[1]
-        for face in record.faces:
-            derived = passphrase_key.image_key(face.nonce, record.kdf) if record.kdf else key.image_key(face.nonce)
-            secrets[f"image key of {path.name} face {face.index}"] = forms(derived)
+        record = kf.pngio.read_png(path)[1]
+        kdf = record.keyed.lock.kdf
+        for index, nonce in zip(record.keyed.faces.face_indices, record.keyed.faces.nonces):
+            derived = passphrase_key.image_key(nonce, kdf) if kdf else key.image_key(nonce)
+            secrets[f"image key of {path.name} face {index}"] = forms(derived)
     return channels, secrets, dict(runs)
 
 

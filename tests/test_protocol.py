@@ -116,7 +116,7 @@ def test_verify_measures_a_numerics_difference():
     verdict = protocol.verify(nudged, keyed, KEY)
     assert verdict.exact is False
     expected = float((nudged - clean).norm() / clean.norm())
-    assert math.isclose(verdict.relative_error, expected, rel_tol=0.1)   # float16 reference resolution
+    assert math.isclose(verdict.relative_error, expected, rel_tol=1e-3)  # against the sealed float32 reference
     assert "differs from the original by" in verdict.message()
 
 
@@ -157,3 +157,16 @@ def test_empty_mask_and_unknown_scramble_are_refused():
     noise = protocol.invert(gaussian_denoiser, clean, sigmas_eps(), faces)
     with pytest.raises(InputMismatchError, match="unknown scramble"):
         protocol.lock(noise, clean, faces, KEY, method_scramble="rot13")
+
+
+def test_verify_calls_a_float32_rounding_difference_exact_and_says_so():
+    clean, faces = batch()
+    sigmas = sigmas_eps()
+    noise = protocol.invert(nonlinear_denoiser, clean, sigmas, faces)
+    keyed = protocol.lock(noise, clean, faces, KEY)
+    restored = protocol.retrace(nonlinear_denoiser, protocol.unlock(keyed, KEY), sigmas, faces)
+    one_ulp = restored.to(torch.float32).clone()
+    one_ulp.view(-1)[5] = torch.nextafter(one_ulp.view(-1)[5], torch.tensor(float("inf")))
+    verdict = protocol.verify(one_ulp.double(), keyed, KEY)
+    assert verdict.exact and verdict.differing == 1 and verdict.ulps == 1
+    assert "to float32 rounding: 1 of 512" in verdict.message()
