@@ -70,7 +70,8 @@ def walk(inputs: Iterable[str], exclude: Optional[Path] = None) -> list[tuple[Pa
                              "(KeyFace never overwrites an input).")
         if path.is_dir():
             for sub in sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink()):
-                if sub.suffix.lower() in IMAGE_SUFFIXES and not sub.name.startswith(".") and not skip(sub):
+                hidden = any(part.startswith(".") for part in sub.relative_to(path).parts)
+                if sub.suffix.lower() in IMAGE_SUFFIXES and not hidden and not skip(sub):
                     found.append((sub, sub.relative_to(path).as_posix()))
         elif path.exists() or path.is_symlink():
             found.append((path, path.name))     # named explicitly: processed (and reported) whatever its suffix

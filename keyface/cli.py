@@ -363,7 +363,7 @@ def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model,
     except OSError as err:
         click.echo(f"keyface {operation}: cannot create the output folder {out}: {err.strerror}.", err=True)
         return EXIT_USAGE
-    removed = store.remove_stale_temps(out)
+    removed = store.remove_stale(out) + store.remove_stale(report_path.parent, recursive=False)
     if removed:
         log.warning("removed %d unfinished temporary file(s) of an interrupted run", removed)
     job = engines.Job(operation, str(out), settings, model, key_spec, device, dtype, threads)
@@ -417,6 +417,7 @@ def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model,
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
     report.write(final=True)
+    store.cleanup(out)
     counts = report.counts()
     elapsed = time.perf_counter() - start
     done_now = counts.get("ok", 0)
