@@ -203,10 +203,19 @@ def _run_on_ray(ray, tasks, job, on_result, workers, on_started, started) -> Ray
         _RayWorker, fn_constructor_kwargs={"job": worker_job}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None)
-    for row in results.iter_rows():
-        doc = json.loads(row["result"])
-        task = by_index[doc.pop("index")]
-        extra = {k: v for k, v in doc.items() if k not in pipeline.ImageResult.__dataclass_fields__}
-        fields = {k: v for k, v in doc.items() if k in pipeline.ImageResult.__dataclass_fields__}
-        on_result(task, pipeline.ImageResult(**fields, extra=extra))
+    try:
+        for row in results.iter_rows():      # streamed: progress and report as each photo finishes
+            doc = json.loads(row["result"])
+            task = by_index[doc.pop("index")]
+            fields = {k: v for k, v in doc.items() if k in pipeline.ImageResult.__dataclass_fields__}
+            extra = {k: v for k, v in doc.items() if k not in fields}
+            on_result(task, pipeline.ImageResult(**fields, extra=extra))
+    except Exception as err:   # an actor could not start (model or key missing on a node), or the cluster failed
+        cause = err
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        first = (str(cause).splitlines() or [""])[0][:300]
+        raise KeyFaceError(f"the Ray job failed ({type(cause).__name__}: {first}); the photos finished so far are "
+                           "kept. Check that every node sees the inputs, the output folder, the key and the model at "
+                           "the same paths, then rerun to resume.") from None
     return plan

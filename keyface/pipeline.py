@@ -211,6 +211,22 @@ def _derived_nonces(key, pixels: np.ndarray, count: int) -> tuple:
 # Anonymize one photo
 # ----------------------------------------------------------------------------------------------
 
+def _released(fn):
+    """Call the model's optional `release()` after each image (a backend holding per-image resources frees them)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(source, target, settings, model, key):
+        try:
+            return fn(source, target, settings, model, key)
+        finally:
+            release = getattr(model, "release", None)
+            if release is not None:
+                release()
+    return wrapper
+
+
+@_released
 def anonymize_image(source: Path, target: Path, settings: Settings, model, key) -> ImageResult:
     """Anonymize `source` into the PNG `target` (atomic; raises KeyFaceError with a user message on failure)."""
     start = time.perf_counter()
@@ -272,6 +288,7 @@ class RestoreSettings:
     allow_wrong_key: bool = False
 
 
+@_released
 def restore_image(source: Path, target: Path, settings: RestoreSettings, model, key) -> ImageResult:
     """Restore an anonymized PNG into the plain PNG `target`; verifies every face against its keyed digest."""
     start = time.perf_counter()

@@ -115,6 +115,10 @@ class ComfyModel:
         with torch.no_grad():
             return self.vae.decode(vae_space)[..., :3].permute(0, 3, 1, 2).to(torch.float32)
 
+    def release(self):
+        """End the open sessions after each image: the ComfyUI model is then free for other samplers (the nodes)."""
+        self.close()
+
     def close(self):
         for session in self._sessions.values():
             session.close()

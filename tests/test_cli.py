@@ -317,3 +317,12 @@ def test_help_is_the_manual():
     text = keyface("anonymize", "--help", check=0).stdout
     for word in ("--flat-names", "--engine", "Resumable", "--report", "--nonce", "130"):
         assert word in text
+
+
+def test_paper_command_says_what_it_needs():
+    run = keyface("paper", "--help-setting")
+    try:
+        import benchmarks.paper_setting  # noqa: F401  (the diffusers branch's script)
+        assert run.returncode == 0
+    except ImportError:
+        assert run.returncode == 2 and "needs the diffusers backend" in run.stderr
