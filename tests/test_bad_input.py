@@ -756,3 +756,33 @@ def test_fuzz_stored_settings_only_give_keyface_errors(kf, tiny, key_pair, made,
     except kf.errors.KeyFaceError as err:
         for form in key_forms():
             assert form not in str(err)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_phone_copy_with_exif_orientation_loads_upright(kf, made, orientation):
+    """Issue 13: a photo app re-saves the anonymized PNG with its pixels stored turned and an EXIF orientation tag
+    (1-8). Load Anonymized shows it upright as ComfyUI's LoadImage does, so with the original PNG as metadata the
+    pixels are exactly the saved ones (no sideways, squashed resample)."""
+    from PIL import Image
+    saved = made.saved
+    original = np.asarray(Image.open(saved).convert("RGB"))
+    # Stored = the inverse of what exif_transpose applies for this tag, so the displayed image is the original.
+    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_270}
+    stored = Image.fromarray(original)
+    if orientation in inverse:
+        stored = stored.transpose(inverse[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    copy = saved.parent / f"phone_copy_{orientation}.png"
+    stored.save(copy, exif=exif.tobytes())
+    try:
+        image, _, _, warnings = kf.face_nodes.load_anonymized(copy, metadata_path=saved)
+        pixels = np.round(image[0].numpy() * 255).astype(np.uint8)
+        assert pixels.shape == original.shape and np.array_equal(pixels, original)
+        assert not any("resampled" in w for w in warnings), warnings
+        if orientation != 1:
+            assert any(f"EXIF orientation {orientation}" in w for w in warnings), warnings
+    finally:
+        copy.unlink()
