@@ -80,6 +80,18 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return torch.round(image.detach().cpu().to(torch.float32) * 255.0).clamp_(0, 255).to(torch.uint8).numpy()
 
 
+def _blank_image_hint(pixels: np.ndarray) -> str:
+    """Why a photo can hold no face at all: LoadImage turns a 16-bit PNG (gray or RGB) white, and a failed
+    conversion can give one flat colour; name that instead of leaving "no face" as the whole story."""
+    share_white = float((pixels >= 250).all(axis=-1).mean())
+    if share_white > 0.98:
+        return (f" The image is {share_white:.0%} white: ComfyUI's LoadImage turns 16-bit PNGs (gray or RGB) white, so "
+                "save the photo as an 8-bit PNG or JPEG first.")
+    if int(pixels.max()) - int(pixels.min()) <= 2:
+        return " The image is a single flat colour: it holds no picture at all; check the file and how it was loaded."
+    return ""
+
+
 def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
            max_faces: int = 16, min_face_px: int = 0) -> tuple[torch.Tensor, FaceSet]:
     """dlib faces of one IMAGE -> (full-size soft MASK [1,H,W], FaceSet with crop boxes and soft crop masks)."""
@@ -91,7 +103,7 @@ def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feat
     found = face_core.detect_faces(pixels, min_face_px=min_face_px)
     if not found:
         raise NoFaceError("no face was found in the image, so nothing would be anonymized. Try a larger or frontal "
-                          "face, or connect your own MASK to Crop Faces.")
+                          "face, or connect your own MASK to Crop Faces." + _blank_image_hint(pixels))
     found = sorted(found, key=lambda d: -d.score)[:max_faces]
     found = sorted(found, key=lambda d: (d.box[0], d.box[1]))
     H, W = pixels.shape[:2]

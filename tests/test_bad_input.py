@@ -385,6 +385,48 @@ def test_no_face_found(kf):
     assert "MASK" in text
 
 
+@pytest.mark.parametrize("mode", ["I;16", "RGB16"])
+def test_sixteen_bit_png_says_why_no_face(kf, host, mode):
+    """Issue 13: a 16-bit PNG (gray or RGB) of a real face comes out of ComfyUI's LoadImage white; Face Mask must say
+    that, not only "no face was found"."""
+    from PIL import Image
+    import nodes as comfy_nodes
+    from conftest import faces_dir
+    _, work = host
+    face = np.asarray(Image.open(faces_dir() / "alex-lacamoire.png").convert("L"), dtype=np.uint16) * 257
+    name = f"sixteen_{mode.replace(';', '')}.png"
+    if mode == "I;16":
+        Image.fromarray(face).save(work / "input" / name)   # uint16 -> a 16-bit grayscale PNG
+    else:   # Pillow cannot write 16-bit RGB: build the PNG with its own encoder from a 48-bit buffer
+        import zlib, struct
+        rgb = np.repeat(face[..., None], 3, axis=-1).astype(">u2")
+        h, w = face.shape
+        raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        (work / "input" / name).write_bytes(png)
+    photo = comfy_nodes.LoadImage().load_image(name)[0]
+    try:
+        # Which one happens depends on the Pillow under LoadImage; either way the user is not misled.
+        if float((photo >= 250 / 255).all(dim=-1).float().mean()) > 0.98:
+            text = expect(kf.errors.NoFaceError, "no face was found", kf.face_nodes.detect, photo)
+            assert "16-bit" in text and "8-bit" in text
+        else:
+            _, faces = kf.face_nodes.detect(photo)
+            assert len(faces.faces) >= 1
+    finally:
+        (work / "input" / name).unlink()
+
+
+def test_white_image_says_it_is_white(kf):
+    """The hint itself, independent of the Pillow version: an all-white photo (what a 16-bit PNG became) is named."""
+    white = torch.ones(1, 200, 300, 3)
+    text = expect(kf.errors.NoFaceError, "no face was found", kf.face_nodes.detect, white)
+    assert "100% white" in text and "16-bit" in text
+
+
 @case("B15", "All-zero mask given to Crop Faces", "every face mask is empty")
 def test_all_zero_mask_at_crop(kf, made, photo):
     empty = torch.zeros(1, *photo.shape[1:3])
