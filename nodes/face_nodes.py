@@ -98,7 +98,9 @@ def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feat
     image = _rgb(image)
     if image.shape[0] != 1:
         raise InputMismatchError(f"Face Mask takes one photo at a time (batch 1); got a batch of {image.shape[0]}. "
-                                 "Run the workflow once per photo.")
+                                 f"An animated GIF/WebP/APNG loads as its {image.shape[0]} frames: pick the frame to "
+                                 "anonymize with Image From Batch (frame 1 is batch_index 0). Otherwise run the "
+                                 "workflow once per photo.")
     pixels = _to_uint8(image[0])
     found = face_core.detect_faces(pixels, min_face_px=min_face_px)
     if not found:

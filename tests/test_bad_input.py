@@ -385,6 +385,25 @@ def test_no_face_found(kf):
     assert "MASK" in text
 
 
+def test_animated_gif_names_its_frames(kf, host):
+    """Issue 13: an animated GIF loads through LoadImage as a batch of its frames; the error names the frame count
+    and how to pick one."""
+    from PIL import Image
+    import nodes as comfy_nodes
+    from conftest import faces_dir
+    _, work = host
+    face = Image.open(faces_dir() / "obama.jpg").convert("RGB").resize((160, 160))
+    frames = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.rotate(5)]
+    frames[0].save(work / "input" / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    try:
+        photo = comfy_nodes.LoadImage().load_image("animated.gif")[0]
+        assert photo.shape[0] == 3
+        text = expect(kf.errors.InputMismatchError, "one photo at a time", kf.face_nodes.detect, photo)
+        assert "its 3 frames" in text and "Image From Batch" in text
+    finally:
+        (work / "input" / "animated.gif").unlink()
+
+
 @pytest.mark.parametrize("mode", ["I;16", "RGB16"])
 def test_sixteen_bit_png_says_why_no_face(kf, host, mode):
     """Issue 13: a 16-bit PNG (gray or RGB) of a real face comes out of ComfyUI's LoadImage white; Face Mask must say
