@@ -64,3 +64,40 @@ def test_c2_ids_still_verify(kf, apply):
     assert C.conditioning_matches(old, *conds(control(), hint()))
     plain = [[torch.ones(1, 77, 768), {}]], [[torch.zeros(1, 77, 768), {}]]
     assert C.conditioning_matches(C.conditioning_id(*plain, form=C.C2_PREFIX), *plain)
+
+
+@pytest.fixture(scope="module")
+def controlled(host, tiny):
+    """The tiny SD1.5 model, a prompt from the tiny CLIP, and ComfyUI's ControlNetApplyAdvanced with a seeded
+    tiny ControlNet of ComfyUI's real classes (hint 64x64 for the 8x8 latent)."""
+    import nodes as comfy_nodes
+    from keyface_dev import tiny_models
+    models, _, clip = tiny
+    positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a face")[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+    net = tiny_models.controlnet(3)
+
+    def apply(hint_image, strength=0.9):
+        return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, net, hint_image,
+                                                                      strength, 0.0, 1.0)
+    return models["eps"], apply
+
+
+def test_exact_restore_with_a_controlnet_in_the_graph(kf, key_pair, controlled):
+    """Invert to Noise -> Apply Key Flip -> Regenerate -> Restore with the ControlNet in the conditioning: the
+    restored latent is the original bit for bit (error 0); a changed hint or strength is refused, clearly."""
+    model, apply = controlled
+    C = kf.core_nodes
+    generator = torch.Generator().manual_seed(0)
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=generator)}
+    positive, negative = apply(hint())
+    without = C.invert_latent(model, latent, 4, "normal", "exact", 2.0,
+                              positive=apply(hint(), strength=0.0)[0], negative=negative)[0]
+    noise, _ = C.invert_latent(model, latent, 4, "normal", "exact", 2.0, positive=positive, negative=negative)
+    assert not torch.equal(noise["samples"], without["samples"])          # the ControlNet steers the model
+    anonymized, _ = C.regenerate_latent(model, C.flip_latent(noise, key_pair[0]), positive=positive, negative=negative)
+    restored, stats = C.restore_latent(model, anonymized, key_pair[0], positive=positive, negative=negative)
+    assert torch.equal(restored["samples"], latent["samples"]) and stats["verification"].exact
+    for changed in (apply(hint(0.6)), apply(hint(), strength=0.8)):
+        with pytest.raises(kf.errors.InputMismatchError, match="conditioning"):
+            C.restore_latent(model, anonymized, key_pair[0], positive=changed[0], negative=changed[1])
