@@ -61,6 +61,43 @@ def pattern(w: int = 12, h: int = 8) -> np.ndarray:
     return np.stack([x * 20, y * 30, (x * 7 + y * 13) % 256], axis=2).astype(np.uint8)
 
 
+# Rows of the README's bad-input table (text in docs/notes/images.md): id -> (kind, what the row quotes, the tests that
+# check exactly that text). `test_rows_match_the_notes` keeps the notes and these in step.
+ROWS = {
+    "B59": ("16-bit PNG, gray or RGB", "reduced to 8 bits",
+            ["test_16_bit_gray_png_scaled_not_white", "test_16_bit_rgb_png_both_bytes_rounded",
+             "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+    "B60": ("Palette image (with transparency), RGBA or LA", "image was palette-based (P); converted to RGB",
+            ["test_palette_with_transparency", "test_rgba_alpha_dropped_not_composited", "test_gray_with_alpha",
+             "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+    "B61": ("CMYK JPEG", "converted to RGB without its colour profile",
+            ["test_cmyk_jpeg", "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+    "B62": ("Animated GIF, WebP or APNG", "3 frames (animated GIF)",
+            ["test_animated_first_frame_and_count", "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+    "B63": ("Very small photo", "too small to hold a face of 64 px",
+            ["test_too_small_for_a_face_is_noted", "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+    "B64": ("Very large photo, or a decompression bomb", "over the limit of 40 MP; raise --max-megapixels",
+            ["test_huge_photo_over_the_limit_before_decoding", "test_decompression_bomb_gives_a_message",
+             "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+    "B65": ("Truncated photo", "is damaged or truncated (",
+            ["test_truncated_png", "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+    "B66": ("Not an image", "is not an image Pillow can read",
+            ["test_text_file_named_png", "test_cli_odd_inputs_each_reported_good_ones_complete"]),
+}
+
+
+def test_rows_match_the_notes():
+    """docs/notes/images.md holds exactly these rows, each quoting what its tests check."""
+    import re
+    text = (REPO / "docs" / "notes" / "images.md").read_text()
+    rows = dict(re.findall(r"^\| (B\d\d) \| (.+) \|$", text, flags=re.M))
+    assert set(rows) == set(ROWS)
+    for row_id, (kind, says, tests) in ROWS.items():
+        assert says in rows[row_id], f"{row_id} should quote {says!r}"
+        assert kind.split()[0].lower() in rows[row_id].lower()
+        assert all(callable(globals().get(name)) for name in tests), tests
+
+
 # ------------------------------------------------------------------------------------------ one file per case
 
 def test_16_bit_gray_png_scaled_not_white(tmp_path):
@@ -112,7 +149,7 @@ def test_palette_with_transparency(tmp_path):
 
 
 def test_cmyk_jpeg(tmp_path):
-    """B60: a CMYK JPEG (print workflows) converts to RGB as LoadImage's convert("RGB") does, and says so."""
+    """B61: a CMYK JPEG (print workflows) converts to RGB as LoadImage's convert("RGB") does, and says so."""
     cmyk = np.zeros((16, 32, 4), dtype=np.uint8)
     cmyk[:, :16] = (0, 255, 255, 0)      # red
     cmyk[:, 16:] = (255, 255, 0, 0)      # blue
@@ -148,7 +185,7 @@ def test_gray_with_alpha(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
 def test_animated_first_frame_and_count(tmp_path, fmt):
-    """B61: an animated GIF, WebP or APNG: frame 1 is returned, and the record says there were 3 frames."""
+    """B62: an animated GIF, WebP or APNG: frame 1 is returned, and the record says there were 3 frames."""
     frames = [Image.fromarray(np.full((10, 14, 3), v, np.uint8)) for v in (40, 120, 200)]
     path = tmp_path / f"animated.{fmt.lower()}"
     extra = {"lossless": True} if fmt == "WEBP" else {}
@@ -160,7 +197,7 @@ def test_animated_first_frame_and_count(tmp_path, fmt):
 
 
 def test_too_small_for_a_face_is_noted(tmp_path):
-    """B62: a 40x40 image loads, with a note that it cannot hold a face of 64 px."""
+    """B63: a 40x40 image loads, with a note that it cannot hold a face of 64 px."""
     path = tmp_path / "tiny.png"
     Image.fromarray(pattern(40, 40)).save(path)
     pixels, info = images.load_image(path)
@@ -185,7 +222,7 @@ def huge(tmp_path_factory) -> Path:
 
 
 def test_huge_photo_over_the_limit_before_decoding(huge):
-    """B63: over max_megapixels: refused from the header (no 144 MB decode), the size and the limit named."""
+    """B64: over max_megapixels: refused from the header (no 144 MB decode), the size and the limit named."""
     with pytest.raises(ImageTooLargeError) as caught:
         images.load_image(huge, max_megapixels=40, limit_name="--max-megapixels")
     assert str(caught.value) == ("huge.png is 8000x6000 (48.0 MP), over the limit of 40 MP; raise --max-megapixels "
@@ -195,7 +232,7 @@ def test_huge_photo_over_the_limit_before_decoding(huge):
 
 
 def test_decompression_bomb_gives_a_message(tmp_path):
-    """B63: a 25-byte header claiming 40000x40000 pixels (1600 MP): Pillow's limit, as a sentence, no traceback."""
+    """B64: a 25-byte header claiming 40000x40000 pixels (1600 MP): Pillow's limit, as a sentence, no traceback."""
     head = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
     path = tmp_path / "bomb.png"
@@ -209,7 +246,7 @@ def test_decompression_bomb_gives_a_message(tmp_path):
 
 
 def test_truncated_png(tmp_path):
-    """B64: a PNG cut short is refused (LoadImage would fill the rest with gray), with what to do."""
+    """B65: a PNG cut short is refused (LoadImage would fill the rest with gray), with what to do."""
     data = _png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     path = tmp_path / "cut.png"
     path.write_bytes(data[: len(data) // 2])
@@ -220,7 +257,7 @@ def test_truncated_png(tmp_path):
 
 
 def test_text_file_named_png(tmp_path):
-    """B65: a text file named .png is not an image; an empty file and a HEIC photo get their own words."""
+    """B66: a text file named .png is not an image; an empty file and a HEIC photo get their own words."""
     path = tmp_path / "notes.png"
     path.write_text("shopping list\n")
     with pytest.raises(NotAnImageError) as caught:
@@ -354,3 +391,15 @@ def test_cli_odd_inputs_each_reported_good_ones_complete(odd_folder, tmp_path):
     # The phone copy was anonymized upright: same size as the plain photo, not turned sideways.
     with Image.open(work / "out" / "phone.png") as turned, Image.open(work / "out" / "plain.png") as plain:
         assert turned.size == plain.size
+
+
+def test_mpo_camera_jpeg_is_a_still_photo(tmp_path):
+    """Phones and cameras save MPO (a JPEG with a second, preview or depth picture): a still photo, not an animation
+    (the command line refused it as 'frames' before)."""
+    pictures = [Image.fromarray(pattern(32, 24)), Image.fromarray(pattern(16, 12))]
+    path = tmp_path / "camera.jpg"
+    pictures[0].save(path, format="MPO", save_all=True, append_images=pictures[1:], quality=95)
+    pixels, info = images.load_image(path)
+    assert info.format == "MPO" and info.frames == 2 and not info.animated
+    assert pixels.shape == (24, 32, 3)
+    assert "image is an MPO file with 2 pictures; the first (the main photo) is used" in info.notes
