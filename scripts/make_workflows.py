@@ -106,9 +106,10 @@ The restored photo shows the real faces: share the anonymized PNG, not this one.
 def anonymize_expression(photo: str, title: str) -> dict[str, Node]:
     """The anonymize chain with a ControlNet: Face Hint -> Apply ControlNet conditions inversion and drawing."""
     nodes = anonymize(photo, title)
-    # The ControlNet nodes run in the lane below the chain (lane 1): the chain reads as before, the hint under it.
+    # The chain reads as before; the hint sits above it (below would put it under the editor's minimap at 100 %),
+    # the ControlNet nodes in the lane below it, right of the first screen.
     nodes["hint"] = Node("KeyFaceFaceHint", "Find faces", {"faces": Out("crops", "faces"), "style": HINT_STYLE},
-                         lane=1)
+                         lane=-1)
     nodes["negative"] = Node("CLIPTextEncode", "Anonymize", {"text": "", "clip": Out("checkpoint", "CLIP")},
                              "Negative prompt (Restore must use the same)", lane=1)
     nodes["controlnet"] = Node("ControlNetLoader", "Anonymize", {"control_net_name": CONTROLNET},

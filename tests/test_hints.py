@@ -330,3 +330,27 @@ def test_B70_damaged_landmarks_in_the_record(monkeypatch):
     far = replace(file, faces=(replace(file.faces[0], landmarks=np.full((68, 2), 1e9, np.float32)), file.faces[1]))
     with pytest.raises(MetadataError, match="landmarks lie far outside"):
         record.decode(record.encode(far))
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+def test_cli_stores_landmarks_only_when_asked(tmp_path):
+    """keyface anonymize --store-landmarks: the record carries the same crop-pixel landmarks as the nodes' detect();
+    without the flag it carries none (the command line draws no hint)."""
+    from keyface.models import load_model
+    from keyface.pipeline import Settings, anonymize_image, find_faces, read_image
+    from keyface_core import pngio
+    from keyface_core.keys import SecretKey
+    model = load_model("dev:tiny")
+    key = SecretKey(bytes(range(32)), kind="key", source="test")
+    source = faces_dir() / PHOTO
+    for store in (True, False):
+        settings = Settings(steps=2, scheduler="normal", crop_size=CROP, store_landmarks=store)
+        target = tmp_path / f"out_{store}.png"
+        anonymize_image(source, target, settings, model, key)
+        record = pngio.read_png(target)[1]
+        if store:
+            expected = find_faces(read_image(source, 64.0), settings).landmarks
+            assert all(np.array_equal(f.landmarks, lm) for f, lm in zip(record.faces, expected))
+        else:
+            assert all(f.landmarks is None for f in record.faces)
