@@ -84,12 +84,11 @@ def head_pose(lm: np.ndarray) -> tuple[float, float, float]:
     image = np.asarray(lm, float)[idx] * (1.0, -1.0)          # image y grows downward; the model's y grows upward
     model_c, image_c = model - model.mean(axis=0), image - image.mean(axis=0)
     affine, *_ = np.linalg.lstsq(model_c, image_c, rcond=None)  # image_c ~ model_c @ affine, affine [3,2]
-    r1, r2 = affine[:, 0], affine[:, 1]
-    r1 = r1 / np.linalg.norm(r1)
-    r2 = r2 - r1 * (r1 @ r2)
-    r2 = r2 / np.linalg.norm(r2)
-    u, _, vt = np.linalg.svd(np.stack([r1, r2, np.cross(r1, r2)]))
-    rot = u @ vt                                                # the nearest rotation
+    # The nearest matrix with orthonormal rows (polar decomposition: commutes with an in-plane rotation of the
+    # image, unlike Gram-Schmidt), completed to a rotation.
+    u, _, vt = np.linalg.svd(affine.T, full_matrices=False)
+    rows = u @ vt
+    rot = np.vstack([rows, np.cross(rows[0], rows[1])])
     yaw = math.degrees(math.asin(max(-1.0, min(1.0, -rot[2, 0]))))
     pitch = math.degrees(math.atan2(rot[2, 1], rot[2, 2]))
     roll = math.degrees(math.atan2(rot[1, 0], rot[0, 0]))

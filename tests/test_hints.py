@@ -354,3 +354,41 @@ def test_cli_stores_landmarks_only_when_asked(tmp_path):
             assert all(np.array_equal(f.landmarks, lm) for f, lm in zip(record.faces, expected))
         else:
             assert all(f.landmarks is None for f in record.faces)
+
+
+# ------------------------------------------------------------------------------------------- benchmark metrics
+
+def _bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import attributes
+    return attributes
+
+
+@pytest.mark.parametrize("degrees", [-15.0, 10.0])
+def test_pose_fit_recovers_an_in_plane_rotation(degrees):
+    A = _bench()
+    lm = photo_landmarks().astype(np.float64)
+    t = np.radians(degrees)
+    centre = lm.mean(axis=0)
+    turned = (lm - centre) @ np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]]) + centre
+    diff = A.compare_faces(lm, turned)
+    assert abs(diff["roll_diff"] - abs(degrees)) < 0.5 and diff["yaw_diff"] < 0.5 and diff["pitch_diff"] < 0.5
+    assert diff["landmark_nme"] > 0.05 and A.landmark_nme(lm, lm) == 0.0
+
+
+def test_mouth_and_eye_ratios_follow_the_landmarks():
+    A = _bench()
+    lm = photo_landmarks().astype(np.float64)
+    opened = lm.copy()
+    opened[[65, 66, 67], 1] += 0.2 * A.inter_ocular(lm)
+    assert A.mouth_open_ratio(opened) > A.mouth_open_ratio(lm) + 0.1
+    closed = lm.copy()
+    for a, b in ((37, 41), (38, 40), (43, 47), (44, 46)):
+        closed[[a, b], 1] = lm[[a, b], 1].mean()
+    assert A.eye_open_ratio(closed) < 0.02 < A.eye_open_ratio(lm)
+    image = np.full((120, 120, 3), 200, np.uint8)
+    image[40:80, 40:80] = np.arange(40, dtype=np.uint8)[None, :, None] * 5
+    box = (40, 40, 80, 80)
+    for out in (A.blur_faces(image, [box]), A.pixelate_faces(image, [box])):
+        assert out.shape == image.shape and (out[40:80, 40:80] != image[40:80, 40:80]).any()
+        assert np.array_equal(out[:20], image[:20])          # outside the ellipse untouched
