@@ -339,7 +339,8 @@ def main(argv=None) -> int:
     shown_faces = args.faces if args.faces is not None and not args.faces.is_absolute() else Path("../shared") / faces_dir.name
     command = "python benchmarks/attributes.py" + (f" --checkpoint {Path(args.checkpoint).name}" if args.checkpoint else "") \
         + (f" --controlnet {Path(args.controlnet).name}" if args.controlnet else "") + f" --faces {shown_faces}" \
-        + (" --quick" if args.quick else "")
+        + (" --quick" if args.quick else "") + (f" --steps {args.steps}" if args.steps else "") \
+        + (f" --crop {args.crop}" if args.crop else "") + (f" --style {args.style}" if args.style != "keypoints" else "")
     result = {"command": command, "real_model": setup.real, "model": setup.models.name, "controlnet": setup.controlnet_name,
               "faces_dir": str(shown_faces), "photos": len(used), "faces": len(per_face["blur"]), "crop": crop,
               "steps": steps, "hint_style": args.style, "seconds": time.perf_counter() - started,

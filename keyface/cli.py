@@ -259,7 +259,8 @@ def inspect(file: Path, as_json: bool):
     for face in info["faces"]:
         click.echo(f"  face {face['index']}: box x={face['box'][0]} y={face['box'][1]} size={face['box'][2]}, "
                    f"latent {face['latent_shape']}, sealed residual {face['sealed_residual_bytes']} B, "
-                   f"sealed reference {face['sealed_reference_bytes']} B")
+                   f"sealed reference {face['sealed_reference_bytes']} B"
+                   + (", 68 landmarks (public: the original face's geometry)" if face["landmarks"] else ""))
 
 
 def describe(record) -> dict:
@@ -272,7 +273,8 @@ def describe(record) -> dict:
         faces.append({"index": int(keyed.faces.face_indices[i]), "box": list(entry.box),
                       "latent_shape": list(keyed.x.shape[1:]),
                       "sealed_residual_bytes": 0 if sealed is None else int(getattr(sealed, "nbytes", len(sealed))),
-                      "sealed_reference_bytes": 0 if reference is None else len(reference)})
+                      "sealed_reference_bytes": 0 if reference is None else len(reference),
+                      "landmarks": getattr(entry, "landmarks", None) is not None})
     render = record.render
     return {"format": "keyface", "version": 2, "image_size": list(record.image_size),
             "pixels_sha256": record.pixels_sha256,

@@ -349,6 +349,8 @@ def test_cli_stores_landmarks_only_when_asked(tmp_path):
         target = tmp_path / f"out_{store}.png"
         anonymize_image(source, target, settings, model, key)
         record = pngio.read_png(target)[1]
+        from keyface.cli import describe
+        assert all(face["landmarks"] is store for face in describe(record)["faces"])     # keyface inspect says so
         if store:
             expected = find_faces(read_image(source, 64.0), settings).landmarks
             assert all(np.array_equal(f.landmarks, lm) for f, lm in zip(record.faces, expected))
