@@ -177,46 +177,48 @@ def control(host, tiny):
     return models["eps"], vae, apply
 
 
-def test_exact_restore_with_a_redrawn_hint_from_the_file(host, kf, H, key_pair, control, tmp_path):
-    """Face Mask -> Crop -> Face Hint -> ControlNetApplyAdvanced -> Invert -> Flip -> Regenerate -> Save Anonymized
-    -> Load Anonymized -> Face Hint (from the loaded landmarks) -> ControlNetApplyAdvanced -> Restore: the original
-    face latent bit for bit; a hint from other landmarks is refused by the conditioning fingerprint."""
+@pytest.fixture(scope="module")
+def hinted(host, kf, H, key_pair, control, tmp_path_factory):
+    """Face Mask -> Crop -> Face Hint (keypoints) -> ControlNetApplyAdvanced -> Invert -> Flip -> Regenerate -> Save
+    Anonymized's record (store_landmarks) -> PNG, on a shared photo at crop 64: (path, faces, original latent, hint)."""
     model, vae, apply = control
     F, C = kf.face_nodes, kf.core_nodes
     image = _photo_tensor()
     _, faces = F.detect(image, crop_size=CROP)
     crops, masks, faces = F.crop(image, faces)
-    for style in hints.STYLES:
-        hint = H.face_hints(faces, style)
-        assert hint.shape == (1, CROP, CROP, 3) and hint.dtype == torch.float32
-        positive, negative = apply(hint)
-        with torch.inference_mode():
-            latent = {"samples": vae.encode(crops)}
-        noise, _ = C.invert_latent(model, latent, 4, "normal", "exact", 1.0, positive=positive, negative=negative,
-                                   mask=masks)
-        keyed = C.flip_latent(noise, key_pair[0])
-        anonymized, _ = C.regenerate_latent(model, keyed, positive=positive, negative=negative, steps=4)
-        with torch.inference_mode():
-            pasted = F.paste(image, F.decode_crops(vae, anonymized["samples"]), faces)
-        pixels = F._to_uint8(pasted[0])
-        path = tmp_path / f"anon_{style}.png"
-        info = _pack("nodes.latent_info").info_of(anonymized)
-        kf.pngio.write_png_atomic(path, pixels, F.build_record(faces, info, pixels, store_landmarks=True))
+    hint = H.face_hints(faces, "keypoints")
+    assert hint.shape == (1, CROP, CROP, 3) and hint.dtype == torch.float32
+    positive, negative = apply(hint)
+    with torch.inference_mode():
+        latent = {"samples": vae.encode(crops)}
+    noise, _ = C.invert_latent(model, latent, 4, "normal", "exact", 1.0, positive=positive, negative=negative,
+                               mask=masks)
+    anonymized, _ = C.regenerate_latent(model, C.flip_latent(noise, key_pair[0]), positive=positive,
+                                        negative=negative, steps=4)
+    with torch.inference_mode():
+        pasted = F.paste(image, F.decode_crops(vae, anonymized["samples"]), faces)
+    pixels = F._to_uint8(pasted[0])
+    path = tmp_path_factory.mktemp("hinted") / "anon.png"
+    info = _pack("nodes.latent_info").info_of(anonymized)
+    kf.pngio.write_png_atomic(path, pixels, F.build_record(faces, info, pixels, store_landmarks=True))
+    return path, faces, latent, hint
 
-        _, loaded, loaded_faces, warnings = F.load_anonymized(path)
-        assert warnings == []
-        assert np.array_equal(loaded_faces.faces[0].landmarks, faces.faces[0].landmarks)
-        redrawn = H.face_hints(loaded_faces, style)
-        assert torch.equal(redrawn, hint)                                 # identical hint, from numbers only
-        positive2, negative2 = apply(redrawn)
-        restored, stats = C.restore_latent(model, loaded, key_pair[0], positive=positive2, negative=negative2)
-        assert torch.equal(restored["samples"], latent["samples"]), style          # error 0
-        assert stats["verification"].exact
 
-        other = kf.face_nodes.detect(_photo_tensor("biden.jpg"), crop_size=CROP)[1]
-        wrong = apply(H.face_hints(other, style))
-        with pytest.raises(kf.errors.InputMismatchError, match="conditioning"):
-            C.restore_latent(model, loaded, key_pair[0], positive=wrong[0], negative=wrong[1])
+def test_exact_restore_with_a_redrawn_hint_from_the_file(kf, H, key_pair, control, hinted):
+    """... -> Load Anonymized -> Face Hint (from the loaded landmarks) -> ControlNetApplyAdvanced -> Restore: the
+    original face latent bit for bit (error 0); both styles redraw bit-identically from the stored numbers."""
+    model, _, apply = control
+    path, faces, latent, hint = hinted
+    _, loaded, loaded_faces, warnings = kf.face_nodes.load_anonymized(path)
+    assert warnings == []
+    assert np.array_equal(loaded_faces.faces[0].landmarks, faces.faces[0].landmarks)
+    redrawn = H.face_hints(loaded_faces, "keypoints")
+    assert torch.equal(redrawn, hint)                                     # identical hint, from numbers only
+    assert torch.equal(H.face_hints(loaded_faces, "regions"), H.face_hints(faces, "regions"))
+    positive, negative = apply(redrawn)
+    restored, stats = kf.core_nodes.restore_latent(model, loaded, key_pair[0], positive=positive, negative=negative)
+    assert torch.equal(restored["samples"], latent["samples"])            # error 0
+    assert stats["verification"].exact
 
 
 def test_store_landmarks_auto_follows_the_graph(kf):
@@ -284,23 +286,17 @@ def test_B67_face_hint_on_faces_without_landmarks(kf, H):
         H.face_hints("not faces")
 
 
-def test_B68_restore_with_a_hint_from_other_landmarks_or_style(host, kf, H, key_pair, control):
-    """A hint redrawn from other landmarks, or in the other style, is not the anonymizing run's conditioning."""
-    model, vae, apply = control
-    F, C = kf.face_nodes, kf.core_nodes
-    _, faces = F.detect(_photo_tensor(), crop_size=CROP)
-    crops, masks, faces = F.crop(_photo_tensor(), faces)
-    positive, negative = apply(H.face_hints(faces, "keypoints"))
-    with torch.inference_mode():
-        latent = {"samples": vae.encode(crops)}
-    noise, _ = C.invert_latent(model, latent, 2, "normal", "exact", 1.0, positive=positive, negative=negative, mask=masks)
-    anonymized, _ = C.regenerate_latent(model, C.flip_latent(noise, key_pair[0]), positive=positive, negative=negative,
-                                        steps=2)
-    for hint in (H.face_hints(faces, "regions"), H.face_hints(F.detect(_photo_tensor("biden.jpg"), crop_size=CROP)[1])):
+def test_B68_restore_with_a_hint_from_other_landmarks_or_style(kf, H, key_pair, control, hinted):
+    """A hint drawn from another face's landmarks, or in the other style, is not the anonymizing run's conditioning:
+    Restore refuses it (the c3 fingerprint covers the hint's pixels)."""
+    model, _, apply = control
+    path, faces, _, _ = hinted
+    _, loaded, loaded_faces, _ = kf.face_nodes.load_anonymized(path)
+    other = kf.face_nodes.detect(_photo_tensor("biden.jpg"), crop_size=CROP)[1]
+    for hint in (H.face_hints(loaded_faces, "regions"), H.face_hints(other, "keypoints")):
         wrong = apply(hint)
         with pytest.raises(kf.errors.InputMismatchError, match="conditioning differs"):
-            C.restore_latent(model, anonymized, key_pair[0], positive=wrong[0], negative=wrong[1])
-    assert C.restore_latent(model, anonymized, key_pair[0], positive=positive, negative=negative)[1]["verification"].exact
+            kf.core_nodes.restore_latent(model, loaded, key_pair[0], positive=wrong[0], negative=wrong[1])
 
 
 def test_B69_store_landmarks_yes_without_landmarks(kf, key_pair, control):
