@@ -58,6 +58,7 @@ class Settings:
     min_face_px: int = 0
     max_megapixels: float = 64.0
     nonce: str = "random"
+    store_landmarks: bool = False           # per-face 68 landmarks in the record (crop pixels; public)
 
     def check(self) -> None:
         if self.steps < 1 or (self.render_steps is not None and self.render_steps < 1):
@@ -145,6 +146,7 @@ def read_image(path: Path, max_megapixels: float) -> tuple[np.ndarray, images.Im
 class Faces:
     boxes: tuple            # (x, y, size) per face
     masks: torch.Tensor     # [N,S,S] soft crop masks, quantised to 1/255 (what the file stores)
+    landmarks: tuple = ()   # float32 [68,2] per face in crop pixels, as the Face Mask node gives them
 
 
 def find_faces(pixels: np.ndarray, settings: Settings) -> Faces:
@@ -156,14 +158,16 @@ def find_faces(pixels: np.ndarray, settings: Settings) -> Faces:
     found = sorted(found, key=lambda d: (d.box[0], d.box[1]))
     H, W = pixels.shape[:2]
     S = settings.crop_size
-    boxes, masks = [], []
+    boxes, masks, landmarks = [], [], []
     for det in found:
         box = mask_core.square_crop_box(det.box, (H, W), settings.context)
+        landmarks.append(((det.landmarks.astype(np.float64) - np.asarray(box[:2], np.float64))
+                          * (S / float(box[2]))).astype(np.float32))
         hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, S))
         soft = mask_core.feather(hard, max(1.0, settings.feather * S))
         boxes.append(tuple(int(v) for v in box))
         masks.append(torch.round(soft.clamp(0, 1) * 255.0) / 255.0)
-    return Faces(tuple(boxes), torch.stack(masks))
+    return Faces(tuple(boxes), torch.stack(masks), tuple(landmarks))
 
 
 def _crops(image: torch.Tensor, faces: Faces, size: int) -> torch.Tensor:
@@ -249,7 +253,8 @@ def anonymize_image(source: Path, target: Path, settings: Settings, model, key) 
                                            model.model_id, cond_id, sigmas.to(torch.float32))
     render = protocol.RenderSettings(settings.sampler, settings.scheduler, int(render_steps), float(render_cfg), 0)
     record = anon.build(saved, faces.boxes, [m.numpy() for m in faces.masks], S, keyed, inversion, render, fmt,
-                        fmt.process_out(drawn.to(torch.float64)).to(torch.float32))
+                        fmt.process_out(drawn.to(torch.float64)).to(torch.float32),
+                        landmarks=faces.landmarks if settings.store_landmarks else None)
     store.write(target, saved, record)
     return ImageResult(str(source), None, "ok", count, "; ".join(info.notes), time.perf_counter() - start,
                        timed.seconds, timed.calls)
