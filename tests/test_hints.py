@@ -390,3 +390,12 @@ def test_mouth_and_eye_ratios_follow_the_landmarks():
     for out in (A.blur_faces(image, [box]), A.pixelate_faces(image, [box])):
         assert out.shape == image.shape and (out[40:80, 40:80] != image[40:80, 40:80]).any()
         assert np.array_equal(out[:20], image[:20])          # outside the ellipse untouched
+
+
+# README bad-input rows kept beside their tests (tests/test_bad_input.py checks the README quotes each).
+BAD_INPUT_ROWS = {
+    "B67": ("Face Hint on faces without landmarks", "carry no landmarks, so no hint can be drawn"),
+    "B68": ("Restore with a hint from other landmarks, or in the other style", "the conditioning differs"),
+    "B69": ("store_landmarks yes on faces that carry none", "store_landmarks is on but face(s) [0] carry no landmarks"),
+    "B70": ("Landmarks in the record edited", "face 0's landmarks lie far outside its crop"),
+}
