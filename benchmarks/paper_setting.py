@@ -119,13 +119,14 @@ class Embedder:
 
 
 def load_embedder(name: str, path: str, threshold: float) -> Embedder:
-    """A TorchScript (.pt/.pth/.ts/.torchscript) or ONNX (.onnx) face-recognition network, checked on one input."""
+    """A torch.export program (.pt2), TorchScript (.pt/.pth/.ts) or ONNX (.onnx) face-recognition network, checked
+    on one input."""
     size = 112 if name == "ArcFace" else 160
     flag = f"--{name.lower()}"
     file = Path(path).expanduser()
     if not file.is_file():
-        raise SettingError(f"{flag}: {file.name!r} is not a file. Pass {name} weights as a TorchScript module "
-                           "(torch.jit.script(model).save('net.pt')) or an ONNX file.")
+        raise SettingError(f"{flag}: {file.name!r} is not a file. Pass {name} weights as an exported program "
+                           "(.pt2, torch.export.save), a TorchScript module (.pt) or an ONNX file.")
     if file.suffix.lower() == ".onnx":
         try:
             import onnxruntime
@@ -141,13 +142,20 @@ def load_embedder(name: str, path: str, threshold: float) -> Embedder:
         def run(x):
             return session.run(None, {input_name: x})[0]
     else:
+        import warnings
         import torch
         try:
-            module = torch.jit.load(str(file), map_location="cpu").eval()
+            if file.suffix.lower() == ".pt2":   # torch.export.save(torch.export.export(model, (x,)), "net.pt2")
+                module = torch.export.load(str(file)).module()
+            else:
+                with warnings.catch_warnings():   # torch 2.14 deprecates TorchScript; the user's file is one
+                    warnings.simplefilter("ignore", FutureWarning)
+                    module = torch.jit.load(str(file), map_location="cpu").eval()
         except Exception as err:   # a state dict, a pickle, a damaged file: torch raises several types
-            raise SettingError(f"{flag}: {file.name} is not a TorchScript module ({type(err).__name__}). A state "
-                               "dict alone has no architecture: build the network, load the weights, then "
-                               "torch.jit.script(model).save(...) (or torch.jit.trace), or pass an ONNX file.") from None
+            raise SettingError(f"{flag}: {file.name} is not a TorchScript module or an exported program "
+                               f"({type(err).__name__}). A state dict alone has no architecture: build the network, "
+                               "load the weights, then torch.export.save(torch.export.export(model, (x,)), 'net.pt2') "
+                               "or torch.jit.script(model).save('net.pt'), or pass an ONNX file.") from None
 
         def run(x):
             with torch.no_grad():
@@ -275,8 +283,8 @@ def parse_args(argv) -> argparse.Namespace:
                         "random key held in memory only.")
     parser.add_argument("--out", default="keyface-paper-out", help="folder for anonymized/, restored/, wrong_key/ "
                         "and paper_setting.md/.json")
-    parser.add_argument("--arcface", default=None, help="ArcFace weights (TorchScript or ONNX, 112x112 input)")
-    parser.add_argument("--facenet", default=None, help="FaceNet weights (TorchScript or ONNX, 160x160 input)")
+    parser.add_argument("--arcface", default=None, help="ArcFace network: torch.export .pt2, TorchScript .pt or ONNX .onnx; 112x112 RGB in [-1, 1]")
+    parser.add_argument("--facenet", default=None, help="FaceNet network: torch.export .pt2, TorchScript .pt or ONNX .onnx; 160x160 RGB in [-1, 1]")
     parser.add_argument("--arcface-threshold", type=float, default=0.3,
                         help="cosine similarity counted as the same person for ArcFace (set yours for a FAR)")
     parser.add_argument("--facenet-threshold", type=float, default=0.4,
@@ -358,14 +366,13 @@ def run(args: argparse.Namespace) -> dict:
     embedders = [load_embedder(name, path, threshold) for name, path, threshold in
                  (("ArcFace", args.arcface, args.arcface_threshold), ("FaceNet", args.facenet, args.facenet_threshold))
                  if path]
-    out = Path(args.out)
-    for sub in ("anonymized", "restored", "wrong_key"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-
     with tempfile.TemporaryDirectory(prefix="keyface-paper-") as workdir:
         start = time.perf_counter()
         model, model_text, mechanics_only = load_model(args.model, args.device, Path(workdir))
         load_seconds = time.perf_counter() - start
+        out = Path(args.out)   # created only once everything could start
+        for sub in ("anonymized", "restored", "wrong_key"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
         native = _native_size(model)
         settings = pipeline.Settings(steps=args.steps, scheduler="simple", method="exact", sampler="euler",
                                      scramble=args.scramble, crop_size=args.size, nonce="random")

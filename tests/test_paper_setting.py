@@ -42,12 +42,13 @@ def keyface(*args, timeout=900):   # generous: a loaded 2-core machine runs this
 
 
 def tiny_arcface(path: Path) -> Path:
-    """A seeded random TorchScript 'ArcFace' (112x112 RGB -> 16-d vector): the loader seam, not a real network."""
+    """A seeded random 'ArcFace' (112x112 RGB -> 16-d vector) saved with torch.export: the loader seam, not a real
+    network."""
     import torch
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-                              torch.nn.Flatten(), torch.nn.Linear(32, 16))
-    torch.jit.script(net.eval()).save(str(path))
+                              torch.nn.Flatten(), torch.nn.Linear(32, 16)).eval()
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 3, 112, 112),)), str(path))
     return path
 
 
@@ -61,7 +62,7 @@ def test_paper_table_through_the_command(tmp_path):
     key_hex = key.read_text().strip()
     out = tmp_path / "out"
     run = keyface("paper", "--faces", faces, "--limit", 2, "--size", 64, "--steps", 3, "--key", key, "--out", out,
-                  "--arcface", tiny_arcface(tmp_path / "arcface.pt"))
+                  "--arcface", tiny_arcface(tmp_path / "arcface.pt2"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "MECHANICS ONLY" in run.stdout
     for column in COLUMNS + PUBLISHED:
@@ -108,8 +109,10 @@ def test_bad_model_is_a_clear_usage_error(tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     assert "keyface paper: --model:" in run.stderr and "not a diffusers pipeline folder" in run.stderr
     assert "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()          # nothing written when the run cannot start
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_unusable_identity_weights_say_how_to_export(tmp_path, capsys):
     """C87: --arcface/--facenet weights that cannot be used: exit 2 before any model work, with what to do."""
     faces = tmp_path / "faces"
@@ -118,7 +121,7 @@ def test_unusable_identity_weights_say_how_to_export(tmp_path, capsys):
     import torch
     torch.save({"weight": torch.zeros(2)}, tmp_path / "state_dict.pt")
     cases = {
-        ("--arcface", str(tmp_path / "state_dict.pt")): "is not a TorchScript module",
+        ("--arcface", str(tmp_path / "state_dict.pt")): "A state dict alone has no architecture",
         ("--facenet", str(tmp_path / "missing.pt")): "is not a file",
         ("--arcface", str(tmp_path / "net.onnx")): "onnxruntime",
     }
