@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -283,8 +282,10 @@ def parse_args(argv) -> argparse.Namespace:
                         "random key held in memory only.")
     parser.add_argument("--out", default="keyface-paper-out", help="folder for anonymized/, restored/, wrong_key/ "
                         "and paper_setting.md/.json")
-    parser.add_argument("--arcface", default=None, help="ArcFace network: torch.export .pt2, TorchScript .pt or ONNX .onnx; 112x112 RGB in [-1, 1]")
-    parser.add_argument("--facenet", default=None, help="FaceNet network: torch.export .pt2, TorchScript .pt or ONNX .onnx; 160x160 RGB in [-1, 1]")
+    parser.add_argument("--arcface", default=None, help="ArcFace network: torch.export .pt2, TorchScript .pt or "
+                        "ONNX .onnx; 112x112 RGB in [-1, 1]")
+    parser.add_argument("--facenet", default=None, help="FaceNet network: torch.export .pt2, TorchScript .pt or "
+                        "ONNX .onnx; 160x160 RGB in [-1, 1]")
     parser.add_argument("--arcface-threshold", type=float, default=0.3,
                         help="cosine similarity counted as the same person for ArcFace (set yours for a FAR)")
     parser.add_argument("--facenet-threshold", type=float, default=0.4,
@@ -530,7 +531,8 @@ def table(result: dict) -> str:
     rows = [
         ("re-identified after anonymization (dlib < 0.6)", PAPER["reid_anonymized"],
          _pct(s["reid_anonymized"]) + dist("anonymized")),
-        ("re-identified after restore (dlib < 0.6)", PAPER["reid_restored"], _pct(s["reid_restored"]) + dist("restored")),
+        ("re-identified after restore (dlib < 0.6)", PAPER["reid_restored"],
+         _pct(s["reid_restored"]) + dist("restored")),
         ("re-identified after restore with a wrong key", PAPER["reid_wrong_key"],
          _pct(s["reid_wrong_key"]) + dist("wrong_key")),
         ("restore PSNR vs the original (through the VAE)", PAPER["psnr"], _db(s["psnr"])),
