@@ -77,7 +77,7 @@ def test_paper_table_through_the_command(tmp_path):
     assert summary["max_abs_error"] == 0.0 and summary["verified"] == {"rate": 1.0, "count": 2, "of": 2}
     assert "max abs error 0.0; verified exact 100.0 % (2/2)" in run.stdout
     # ... so the restored faces are the VAE's reconstruction of the originals up to the saved image's rounding.
-    assert summary["max_levels_vs_vae"] <= 2
+    assert summary["max_levels_vs_vae"] <= 3   # measured 1 here; at most 3 over the 14-photo folder
     assert all(p["restore_calls"] == 3 for p in result["photos"])      # restore = `steps` UNet calls
     for row in result["faces"]:
         assert set(row) >= {"photo", "face", "box", "anonymized", "restored", "wrong_key", "psnr", "ssim",
