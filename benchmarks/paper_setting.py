@@ -573,7 +573,9 @@ def markdown(result: dict) -> str:
         f"- model: {st['model']}",
         f"- faces: {st['photos']} photos from `{st['faces_folder']}/`: {s['photos_ok']} done, "
         f"{s['photos_no_face']} without a face, {s['photos_failed']} failed; {s['faces']} faces measured",
-        f"- {st['size']}x{st['size']} face crops{native}, {st['steps']} steps, scheduler {st['scheduler']}",
+        f"- {st['size']}x{st['size']} face crops{native}, {st['steps']} steps, scheduler {st['scheduler']}"
+        + ("" if (st["size"], st["steps"]) == (256, 50) else
+           " (the paper: 256x256, 50 steps; `--size 256 --steps 50` are the defaults)"),
         f"- new face drawn by {st['sampler']}; inversion {st['inversion']}; scramble {st['scramble']} in the face "
         f"mask ({st['mask']})",
         f"- key: {st['key']}; wrong key: {st['wrong_key']}; identity: {', '.join(st['identity'])}",
