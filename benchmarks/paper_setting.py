@@ -346,7 +346,7 @@ def load_model(spec: Optional[str], device: str, workdir: Path):
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from keyface import pipeline
+    from keyface import pipeline, store
     from keyface_core import faces as face_core
     from keyface_core import masks as mask_core
     from keyface_core import photo as photo_core
@@ -380,12 +380,15 @@ def run(args: argparse.Namespace) -> dict:
         if mechanics_only:
             print(MECHANICS_WARNING, flush=True)
         photo_rows, face_rows = [], []
-        for index, source in enumerate(photos, 1):
-            print(f"[{index}/{len(photos)}] {source.name}", flush=True)
-            rows, photo_row = _one_photo(source, out, settings, model, key, wrong_key, embedders,
-                                         pipeline, face_core, mask_core, photo_core, torch, KeyFaceError, NoFaceError)
-            photo_rows.append(photo_row)
-            face_rows.extend(rows)
+        try:
+            for index, source in enumerate(photos, 1):
+                print(f"[{index}/{len(photos)}] {source.name}", flush=True)
+                rows, photo_row = _one_photo(source, out, settings, model, key, wrong_key, embedders, pipeline,
+                                             face_core, mask_core, photo_core, torch, KeyFaceError, NoFaceError)
+                photo_rows.append(photo_row)
+                face_rows.extend(rows)
+        finally:
+            store.cleanup(out)   # the atomic writes' per-process staging folders
     return {
         "setting": {"model": model_text, "mechanics_only": mechanics_only, "faces_folder": Path(args.faces).name,
                     "photos": len(photos), "size": args.size, "native_size": native, "steps": args.steps,
