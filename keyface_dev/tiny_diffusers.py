@@ -36,3 +36,138 @@ def save_tiny_ldm(folder: Path, *, seed: int = 0, prediction_type: str = "epsilo
         "_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"], sub: ["diffusers", autoencoder],
         "scheduler": ["diffusers", "DDIMScheduler"]}, indent=1))
     return folder
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Text-conditioned pipelines (SD1.5, SDXL, SD3 layouts), every part tiny and seeded
+# ------------------------------------------------------------------------------------------------------------------
+
+TINY_MERGES = ("f a", "fa c", "fac e</w>", "p h", "ph o", "pho t", "phot o</w>", "s m", "sm i", "smi l", "smil e</w>")
+
+
+def save_tiny_tokenizer(folder: Path, max_length: int = 77) -> Path:
+    """A CLIP BPE tokenizer over the 256 byte symbols and a few merges, written without a download."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    for merge in TINY_MERGES:
+        vocab["".join(merge.split())] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    raw = folder / "_raw"
+    raw.mkdir(exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+    tokenizer = CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):
+        (raw / name).unlink()
+    raw.rmdir()
+    return folder
+
+
+TINY_VOCAB = 256 * 2 + len(TINY_MERGES) + 2
+
+
+def _tiny_clip(seed: int, hidden: int, projection: int | None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=projection or hidden, bos_token_id=TINY_VOCAB - 2,
+                            eos_token_id=TINY_VOCAB - 1, pad_token_id=TINY_VOCAB - 1, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_vae(seed: int, latent_channels: int, scaling: float, shift: float | None = None):
+    import diffusers
+
+    torch.manual_seed(seed)
+    extra = {} if shift is None else {"shift_factor": shift, "use_quant_conv": False, "use_post_quant_conv": False}
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32),
+                                   layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8,
+                                   down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=scaling, **extra)
+
+
+def save_tiny_sd(folder: Path, *, layout: str = "sd15", seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A seeded tiny text-to-image pipeline folder: layout "sd15" (one CLIP, UNet2DConditionModel), "sdxl" (two
+    CLIPs, pooled embeds + time_ids) or "sd3" (SD3Transformer2DModel, two CLIPs, FlowMatch scheduler, shift 3).
+    The VAE downsamples 8x, as the real ones do; mechanics only."""
+    from keyface_core.backends.diffusers_build import quiet
+
+    with quiet():
+        return _save_tiny_sd(Path(folder), layout, seed, prediction_type)
+
+
+def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str) -> Path:
+    import diffusers
+
+    save_tiny_tokenizer(folder / "tokenizer")
+    index = {"_diffusers_version": diffusers.__version__, "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if layout == "sd15":
+        text = _tiny_clip(seed + 1, 32, None)
+        text.save_pretrained(folder / "text_encoder")
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+        vae = _tiny_vae(seed + 2, 4, 0.18215)
+        scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False)
+        index.update({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                      "text_encoder": ["transformers", "CLIPTextModel"], "requires_safety_checker": False,
+                      "safety_checker": [None, None], "feature_extractor": [None, None]})
+        denoiser, sub = unet, "unet"
+    elif layout == "sdxl":
+        _tiny_clip(seed + 1, 32, None).save_pretrained(folder / "text_encoder")
+        _tiny_clip(seed + 3, 32, 16).save_pretrained(folder / "text_encoder_2")
+        save_tiny_tokenizer(folder / "tokenizer_2")
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=(4, 8), norm_num_groups=8, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+            transformer_layers_per_block=1)
+        vae = _tiny_vae(seed + 2, 4, 0.13025)
+        scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                     prediction_type=prediction_type, timestep_spacing="leading",
+                                                     steps_offset=1)
+        index.update({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                      "text_encoder": ["transformers", "CLIPTextModel"],
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True})
+        denoiser, sub = unet, "unet"
+    elif layout == "sd3":
+        _tiny_clip(seed + 1, 16, 16).save_pretrained(folder / "text_encoder")
+        _tiny_clip(seed + 3, 16, 16).save_pretrained(folder / "text_encoder_2")
+        save_tiny_tokenizer(folder / "tokenizer_2")
+        torch.manual_seed(seed)
+        denoiser = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=32,
+            pos_embed_max_size=16)
+        vae = _tiny_vae(seed + 2, 16, 1.5305, shift=0.0609)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        index.update({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+                      "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "text_encoder_3": [None, None], "tokenizer_3": [None, None]})
+        sub = "transformer"
+    else:
+        raise ValueError(f"unknown layout {layout!r}: sd15, sdxl or sd3")
+    denoiser.save_pretrained(folder / sub)
+    vae.save_pretrained(folder / "vae")
+    scheduler.save_pretrained(folder / "scheduler")
+    index.update({"vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", type(scheduler).__name__]})
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder
