@@ -121,7 +121,8 @@ def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str) ->
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
         vae = _tiny_vae(seed + 2, 4, 0.18215)
         scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False)
+                                            prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
+                                            steps_offset=1)
         index.update({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                       "text_encoder": ["transformers", "CLIPTextModel"], "requires_safety_checker": False,
                       "safety_checker": [None, None], "feature_extractor": [None, None]})
@@ -171,3 +172,39 @@ def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str) ->
     index.update({"vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", type(scheduler).__name__]})
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
+
+
+# The ComfyUI (original LDM) description of save_tiny_sd's "sd15" UNet: which blocks hold attention.
+TINY_SD15_LDM_UNET = {"num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
+                      "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1}
+
+
+def save_tiny_sd15_single_file(folder: Path, path: Path) -> Path:
+    """The "sd15" folder's weights as one original-layout (CompVis/ComfyUI) .safetensors file, the kind users
+    download: model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*. The names come from
+    ComfyUI's own diffusers->LDM maps (needs the ComfyUI host: keyface_dev.comfy_host)."""
+    import diffusers
+    import safetensors.torch
+    from transformers import CLIPTextModel
+
+    from . import comfy_host
+    comfy_host.boot()
+    import comfy.diffusers_convert
+    import comfy.utils
+
+    folder, path = Path(folder), Path(path)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+    names = comfy.utils.unet_to_diffusers(dict(TINY_SD15_LDM_UNET))
+    state = {}
+    for diffusers_name, tensor in unet.items():
+        if diffusers_name not in names:
+            raise KeyError(f"no LDM name for the UNet weight {diffusers_name}")
+        state["model.diffusion_model." + names[diffusers_name]] = tensor
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae").state_dict()
+    for name, tensor in comfy.diffusers_convert.convert_vae_state_dict(vae).items():
+        state["first_stage_model." + name] = tensor
+    for name, tensor in CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict().items():
+        state["cond_stage_model.transformer.text_model." + name.removeprefix("text_model.")] = tensor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

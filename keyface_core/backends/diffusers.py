@@ -1,10 +1,14 @@
-"""The diffusers backend: a denoiser in ComfyUI's sigma space over a diffusers model folder (no ComfyUI import).
+"""The diffusers backend: a denoiser in ComfyUI's sigma space over diffusers models (no ComfyUI import).
 
-It hands the protocol the `LoadedModel` interface the CLI uses (`keyface/models.py`). Today it covers the
-authors' family, an unconditional `UNet2DModel` with a `VQModel` or `AutoencoderKL` (e.g. the layout of
-CompVis/ldm-celebahq-256: `unet/`, `vqvae/`, `scheduler/`), with eps or v prediction read from the scheduler
-config. Text-conditioned pipelines (SD1.5/SDXL `UNet2DConditionModel`, SD3/Flux transformers) and single
-checkpoint files are refused with a clear message: they are not built yet.
+It hands the protocol the `LoadedModel` interface the CLI uses (`keyface/models.py`), for
+- the authors' family, an unconditional `UNet2DModel` with a `VQModel` or `AutoencoderKL` (the layout of
+  CompVis/ldm-celebahq-256: `unet/`, `vqvae/`, `scheduler/`), eps or v prediction from the scheduler config;
+- text-conditioned SD1.5/SD2/SDXL (`UNet2DConditionModel` + CLIP) and SD3 (`SD3Transformer2DModel`, rectified
+  flow) pipelines (`diffusers_text.py`, built by `diffusers_build.py`).
+A model comes from a diffusers folder, from a repo id resolved through the Hugging Face cache, or from one
+original-layout checkpoint file (`from_single_file`, configs from a diffusers folder or the cache). The sigma
+schedule always comes from the model's scheduler config. Flux (packed latents, guidance embedding, dynamic
+shift) is refused with a clear message.
 
 diffusers is imported inside functions, so `import keyface_core` never needs it.
 """
@@ -105,6 +109,17 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
             digest.update(name.encode() + b"\0" + str(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return "dfu-" + digest.hexdigest()[:32]
+
+
+def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Every weight in its own freshly allocated (aligned) buffer. Weights read from one .safetensors file can be
+    views at arbitrary offsets of its mapped storage, and a CPU matmul may then round differently (measured: the
+    same UNet weights gave outputs 6e-6 apart). The exact restore needs the same bits from the same weights however
+    they were loaded, in every process."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return module
 
 
 @dataclass
@@ -258,8 +273,9 @@ def _load_unconditional(root: Path, *, device: str, dtype: torch.dtype, kind: st
     if prediction not in ("eps", "v"):
         raise BackendError(f"prediction_type {scheduler_config.get('prediction_type')!r} is not supported (epsilon, "
                            "v_prediction).")
-    unet = diffusers.UNet2DModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device).eval()
-    autoencoder = getattr(diffusers, class_name).from_pretrained(root / folder, torch_dtype=dtype).to(device).eval()
+    unet = _own_memory(diffusers.UNet2DModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device)).eval()
+    autoencoder = _own_memory(getattr(diffusers, class_name).from_pretrained(root / folder, torch_dtype=dtype)
+                              .to(device)).eval()
     config = autoencoder.config
     downscale = 2 ** (len(config.block_out_channels) - 1)
     return LoadedModel(

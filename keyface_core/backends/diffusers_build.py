@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .diffusers import (SINGLE_FILE_PIPELINES, SUPPORTED, BackendError, _config, _offline, _resolve,
+from .diffusers import (SINGLE_FILE_PIPELINES, SUPPORTED, BackendError, _config, _offline, _own_memory, _resolve,
                         training_sigmas, weights_fingerprint)
 from .diffusers_text import FlowModel, TextConditionedModel, TextEncoder, flow_table
 
@@ -63,12 +63,15 @@ def _from_folder(root: Path, denoiser: str, class_name: str, *, device: str, dty
     import transformers
 
     index = _model_index(root)
+    if _config(root / "vae").get("_class_name") != "AutoencoderKL" if (root / "vae").is_dir() else True:
+        raise BackendError(f"{root.name} has no vae/ folder with an AutoencoderKL config (a text-conditioned "
+                           "pipeline needs one).")
+    if class_name == "UNet2DConditionModel":
+        # before any weight is read: an inpainting/depth UNet fails later with a shape error that says nothing
+        _check_unet(_config(root / denoiser), int(_config(root / "vae").get("latent_channels", 4)), root.name)
     components: dict = {}
     model_class = getattr(diffusers, class_name)
     components[denoiser] = model_class.from_pretrained(root / denoiser, torch_dtype=dtype)
-    if not (root / "vae" / "config.json").is_file():
-        raise BackendError(f"{root.name} has no vae/ folder with an AutoencoderKL config (a text-conditioned "
-                           "pipeline needs one).")
     components["vae"] = diffusers.AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
     for encoder_name, tokenizer_name in TEXT_SLOTS:
         if not (root / encoder_name / "config.json").is_file():
@@ -133,6 +136,9 @@ def _from_single_file(path: Path, config: str | None, *, device: str, dtype: tor
 
 
 def _build(components: dict, scheduler: dict, index: dict, *, name: str, device: str, kind: str | None):
+    for value in components.values():
+        if isinstance(value, torch.nn.Module):
+            _own_memory(value.to(device))
     vae = components["vae"].to(device).eval()
     vae_config = vae.config
     texts = []
@@ -171,15 +177,7 @@ def _build(components: dict, scheduler: dict, index: dict, *, name: str, device:
     config = unet.config
     if prediction == "flow":
         raise BackendError(f"{name}: a UNet with a FlowMatch scheduler is not a layout the backend knows.")
-    if int(config.in_channels) != common["latent_channels"]:
-        raise BackendError(f"{name}: the UNet takes {config.in_channels} input channels but the VAE makes "
-                           f"{common['latent_channels']} (an inpainting or depth UNet?); only text-to-image UNets "
-                           "are supported.")
-    if config.addition_embed_type not in (None, "text_time") or config.class_embed_type is not None \
-            or getattr(config, "time_cond_proj_dim", None) is not None:
-        raise BackendError(f"{name}: this UNet takes extra conditioning (addition_embed_type "
-                           f"{config.addition_embed_type!r}, class_embed_type {config.class_embed_type!r}) that the "
-                           "diffusers backend does not supply (SD1.5/SD2/SDXL base only).")
+    _check_unet(dict(config), common["latent_channels"], name)
     family = "sdxl" if config.addition_embed_type == "text_time" else "sd"
     if family == "sdxl":
         if len(texts) != 2:
@@ -191,6 +189,19 @@ def _build(components: dict, scheduler: dict, index: dict, *, name: str, device:
                                 texts=texts, zero_empty_negative=family == "sdxl" and bool(
                                     index.get("force_zeros_for_empty_prompt", True)),
                                 model_id=weights_fingerprint(unet, vae), **common)
+
+
+def _check_unet(config: dict, latent_channels: int, name: str) -> None:
+    """Refuse UNets that need inputs the backend does not supply, naming what they are."""
+    if int(config.get("in_channels", latent_channels)) != latent_channels:
+        raise BackendError(f"{name}: the UNet takes {config.get('in_channels')} input channels but the VAE makes "
+                           f"{latent_channels} (an inpainting or depth UNet?); only text-to-image UNets are "
+                           "supported.")
+    if config.get("addition_embed_type") not in (None, "text_time") or config.get("class_embed_type") is not None \
+            or config.get("time_cond_proj_dim") is not None:
+        raise BackendError(f"{name}: this UNet takes extra conditioning (addition_embed_type "
+                           f"{config.get('addition_embed_type')!r}, class_embed_type {config.get('class_embed_type')!r}, "
+                           "time_cond_proj_dim) that the diffusers backend does not supply (SD1.5/SD2/SDXL base only).")
 
 
 def _model_index(root: Path) -> dict:
