@@ -116,9 +116,10 @@ def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str) ->
         text.save_pretrained(folder / "text_encoder")
         torch.manual_seed(seed)
         unet = diffusers.UNet2DConditionModel(
+            # the architecture of ComfyUI's tiny SD1.5 (keyface_dev.tiny_models.TINY_UNET): 2 heads, GroupNorm 32
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32)
         vae = _tiny_vae(seed + 2, 4, 0.18215)
         scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
@@ -208,3 +209,23 @@ def save_tiny_sd15_single_file(folder: Path, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def comfy_unet_from_folder(folder: Path):
+    """ComfyUI's own SD1.5 UNet (a ModelPatcher of keyface_dev.tiny_models' TinySD15) holding the "sd15" folder's
+    UNet weights: the same checkpoint in the other host's code, for interchange measurements."""
+    import diffusers
+
+    from . import comfy_host, tiny_models
+    comfy_host.boot()
+    import comfy.utils
+
+    patcher = tiny_models.unet_model(0, "eps")
+    names = comfy.utils.unet_to_diffusers(dict(TINY_SD15_LDM_UNET))
+    unet = diffusers.UNet2DConditionModel.from_pretrained(Path(folder) / "unet").state_dict()
+    state = {names[name]: tensor for name, tensor in unet.items()}
+    missing, unexpected = patcher.model.diffusion_model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the tiny ComfyUI UNet and the diffusers folder differ: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return patcher

@@ -111,6 +111,21 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
     return "dfu-" + digest.hexdigest()[:32]
 
 
+def architecture_fingerprint(modules: dict, extra: dict | None = None) -> str:
+    """`weights_fingerprint` plus each module's class and config (head count, norm groups, embedding types...): two
+    configs can share every weight shape yet compute differently. For the text-conditioned families; the
+    unconditional family keeps the weights-only form so its files still restore."""
+    digest = hashlib.sha256(b"keyface/diffusers-model/v2\0")
+    for name, module in modules.items():
+        config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items()
+                  if not k.startswith("_") and k not in ("name_or_path", "transformers_version", "dtype")}
+        digest.update(f"{name}:{type(module).__name__}:".encode() + json.dumps(config, sort_keys=True, default=str)
+                      .encode())
+    digest.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    digest.update(weights_fingerprint(*modules.values()).encode())
+    return "dfu-" + digest.hexdigest()[:32]
+
+
 def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
     """Every weight in its own freshly allocated (aligned) buffer. Weights read from one .safetensors file can be
     views at arbitrary offsets of its mapped storage, and a CPU matmul may then round differently (measured: the

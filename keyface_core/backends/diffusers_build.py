@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .diffusers import (SINGLE_FILE_PIPELINES, SUPPORTED, BackendError, _config, _offline, _own_memory, _resolve,
-                        training_sigmas, weights_fingerprint)
+                        training_sigmas, architecture_fingerprint)
 from .diffusers_text import FlowModel, TextConditionedModel, TextEncoder, flow_table
 
 TEXT_SLOTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
@@ -172,7 +172,8 @@ def _build(components: dict, scheduler: dict, index: dict, *, name: str, device:
         steps = int(scheduler.get("num_train_timesteps", 1000))
         return FlowModel(kind="flow", unet=transformer, table=flow_table(shift, steps), family="sd3", texts=texts,
                          t5=t5, joint_dim=int(transformer.config.joint_attention_dim), shift=shift, train_steps=steps,
-                         model_id=weights_fingerprint(transformer, vae), **common)
+                         model_id=architecture_fingerprint({"transformer": transformer, "vae": vae},
+                                                           {"shift": shift, "train_steps": steps}), **common)
     unet = components["unet"].to(device).eval()
     config = unet.config
     if prediction == "flow":
@@ -188,7 +189,8 @@ def _build(components: dict, scheduler: dict, index: dict, *, name: str, device:
     return TextConditionedModel(kind=prediction, unet=unet, table=training_sigmas(scheduler), family=family,
                                 texts=texts, zero_empty_negative=family == "sdxl" and bool(
                                     index.get("force_zeros_for_empty_prompt", True)),
-                                model_id=weights_fingerprint(unet, vae), **common)
+                                model_id=architecture_fingerprint({"unet": unet, "vae": vae},
+                                                                  {"prediction": prediction}), **common)
 
 
 def _check_unet(config: dict, latent_channels: int, name: str) -> None:
