@@ -96,17 +96,39 @@ def _tiny_vae(seed: int, latent_channels: int, scaling: float, shift: float | No
                                    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=scaling, **extra)
 
 
-def save_tiny_sd(folder: Path, *, layout: str = "sd15", seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def save_tiny_t5_tokenizer(folder: Path) -> Path:
+    """A T5 (Unigram, sentencepiece-style) tokenizer over lowercase letters and a few words, written offline."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in string.ascii_lowercase] + [("\u2581" + w, -1.5) for w in ("a", "face", "smiling")]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                    model_max_length=512).save_pretrained(folder)
+    return Path(folder)
+
+
+TINY_T5_VOCAB = 4 + 26 + 3
+
+
+def save_tiny_sd(folder: Path, *, layout: str = "sd15", seed: int = 0, prediction_type: str = "epsilon",
+                 t5: bool = False) -> Path:
     """A seeded tiny text-to-image pipeline folder: layout "sd15" (one CLIP, UNet2DConditionModel), "sdxl" (two
-    CLIPs, pooled embeds + time_ids) or "sd3" (SD3Transformer2DModel, two CLIPs, FlowMatch scheduler, shift 3).
+    CLIPs, pooled embeds + time_ids) or "sd3" (SD3Transformer2DModel, two CLIPs and, with `t5`, a T5 encoder;
+    FlowMatch scheduler, shift 3).
     The VAE downsamples 8x, as the real ones do; mechanics only."""
     from keyface_core.backends.diffusers_build import quiet
 
     with quiet():
-        return _save_tiny_sd(Path(folder), layout, seed, prediction_type)
+        return _save_tiny_sd(Path(folder), layout, seed, prediction_type, t5)
 
 
-def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str) -> Path:
+def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str, t5: bool) -> Path:
     import diffusers
 
     save_tiny_tokenizer(folder / "tokenizer")
@@ -164,6 +186,14 @@ def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str) ->
                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                       "tokenizer_2": ["transformers", "CLIPTokenizer"],
                       "text_encoder_3": [None, None], "tokenizer_3": [None, None]})
+        if t5:
+            from transformers import T5Config, T5EncoderModel
+            torch.manual_seed(seed + 4)
+            T5EncoderModel(T5Config(vocab_size=TINY_T5_VOCAB, d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                    decoder_start_token_id=0)).eval().save_pretrained(folder / "text_encoder_3")
+            save_tiny_t5_tokenizer(folder / "tokenizer_3")
+            index.update({"text_encoder_3": ["transformers", "T5EncoderModel"],
+                          "tokenizer_3": ["transformers", "T5TokenizerFast"]})
         sub = "transformer"
     else:
         raise ValueError(f"unknown layout {layout!r}: sd15, sdxl or sd3")

@@ -30,14 +30,15 @@ from keyface_core.keys import SecretKey, generate_key  # noqa: E402
 from keyface_dev.tiny_diffusers import save_tiny_sd, save_tiny_sd15_single_file  # noqa: E402
 
 LAYOUTS = {"sd15-eps": ("sd15", "epsilon"), "sd15-v": ("sd15", "v_prediction"), "sdxl": ("sdxl", "epsilon"),
-           "sd3-flow": ("sd3", "epsilon")}
+           "sd3-flow": ("sd3", "epsilon"), "sd3-t5": ("sd3", "t5")}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-sd")
-    return {name: save_tiny_sd(root / name, layout=layout, prediction_type=prediction)
-            for name, (layout, prediction) in LAYOUTS.items()}
+    return {name: save_tiny_sd(root / name, layout=layout, prediction_type="epsilon" if kind == "t5" else kind,
+                               t5=kind == "t5")
+            for name, (layout, kind) in LAYOUTS.items()}
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -57,8 +58,9 @@ def _faces(model, count=2, seed=1):
 def test_layouts_load_as_their_family(loaded):
     name, model = loaded
     expected = {"sd15-eps": ("sd", "eps", 4), "sd15-v": ("sd", "v", 4), "sdxl": ("sdxl", "eps", 4),
-                "sd3-flow": ("sd3", "flow", 16)}[name]
+                "sd3-flow": ("sd3", "flow", 16), "sd3-t5": ("sd3", "flow", 16)}[name]
     assert (model.family, model.kind, model.latent_channels) == expected
+    assert (model.family == "sd3" and model.t5 is not None) == (name == "sd3-t5")
     assert model.downscale == 8 and model.model_id.startswith("dfu-")
     assert model.encode(torch.rand(1, 3, 64, 64)).shape == (1, expected[2], 8, 8)
     sigmas = model.sigmas(4, "normal")
@@ -109,6 +111,29 @@ def test_conditioning_fingerprint_covers_prompt_negative_and_cfg_but_not_the_tex
     assert not torch.equal(plain, model.denoise(x, sigma))      # the prompt reaches the denoiser
     with pytest.raises(protocol.InputMismatchError, match="cfg"):
         model.set_conditioning("a face", "", 0.0)
+
+
+@pytest.mark.parametrize("name", ["sd15-eps", "sdxl", "sd3-t5"])
+def test_prompts_are_encoded_as_the_diffusers_pipelines_encode_them(folders, name):
+    """The same embeddings, bit for bit, as StableDiffusion(XL|3)Pipeline.encode_prompt (no grad, as in __call__)."""
+    model = backend.load(str(folders[name]))
+    model.set_conditioning("a smiling face", "", 1.0)
+    ours, _, _ = model._cond
+    pipeline_class = {"sd15-eps": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
+                      "sd3-t5": diffusers.StableDiffusion3Pipeline}[name]
+    extra = {"safety_checker": None} if name == "sd15-eps" else {}
+    pipe = pipeline_class.from_pretrained(folders[name], **extra)
+    with torch.no_grad():
+        if name == "sd15-eps":
+            context, _ = pipe.encode_prompt("a smiling face", "cpu", 1, False)
+            pooled = None
+        elif name == "sdxl":
+            context, _, pooled, _ = pipe.encode_prompt("a smiling face", device="cpu", do_classifier_free_guidance=False)
+        else:
+            context, _, pooled, _ = pipe.encode_prompt("a smiling face", "a smiling face", "a smiling face",
+                                                       do_classifier_free_guidance=False)
+    assert torch.equal(context, ours.context)
+    assert pooled is None and ours.pooled is None or torch.equal(pooled, ours.pooled)
 
 
 def test_sdxl_empty_negative_is_zeros_and_time_ids_follow_the_crop(folders):

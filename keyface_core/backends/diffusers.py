@@ -141,7 +141,7 @@ def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
 class LoadedModel:
     """What the protocol needs from a model: denoise in sigma space, the schedule, the autoencoder."""
 
-    kind: str                    # "eps" | "v"
+    kind: str                    # "eps" | "v" | "flow" (diffusers_text.FlowModel)
     unet: torch.nn.Module = field(repr=False)
     autoencoder: torch.nn.Module = field(repr=False)
     table: torch.Tensor = field(repr=False)
