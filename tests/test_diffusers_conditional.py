@@ -307,10 +307,13 @@ def test_c85_same_weights_in_the_other_host_are_told_apart(host, folders):
         assert ours.model_id != comfy.model_id
         torch.manual_seed(3)
         clean = torch.randn(1, 4, 8, 8, dtype=torch.float64)     # SD-like latent scale (std 1)
-        sigma = ours.sigmas(3, "karras")[0]
-        per_call = float((ours.denoise(clean * float(sigma), sigma) - comfy.denoise(clean * float(sigma), sigma))
-                         .abs().max())
-        assert 0 < per_call < 1e-3                                # the same network, other kernels
+        for sigma in ours.sigmas(3, "karras")[:-1]:
+            x = clean * float(sigma)
+            a, b = ours.denoise(x, sigma), comfy.denoise(x, sigma)
+            relative = float((a - b).norm() / a.norm())
+            # the same network evaluated at the same (nearest training) timestep, with other kernels: float32
+            # rounding apart (interpolated timesteps were 2e-3 apart at fractional steps)
+            assert 0 < relative < 1e-5, (float(sigma), relative)
         mask = torch.zeros(1, 1, 8, 8)
         mask[:, :, 2:7, 2:6] = 1.0
         batch = protocol.FaceBatch(protocol.new_nonces(1), (0,), mask, protocol.public_background(clean, mask))

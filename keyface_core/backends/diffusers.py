@@ -101,6 +101,13 @@ def sigma_to_timestep(table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (1 - w) * low + w * high
 
 
+def nearest_timestep(table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The training timestep nearest in log sigma: the rule ComfyUI's ModelSamplingDiscrete.timestep applies, so
+    the UNet is evaluated where ComfyUI evaluates it (and where it was trained: integer timesteps)."""
+    log_sigma = sigma.to(torch.float64).clamp_min(1e-10).log()
+    return (log_sigma - table.log()).abs().argmin().to(torch.float64)
+
+
 def weights_fingerprint(*modules: torch.nn.Module) -> str:
     """A digest of the weights themselves (names and values, in state-dict order): the same folder, the same id."""
     digest = hashlib.sha256(b"keyface/diffusers-weights/v1\0")

@@ -21,7 +21,7 @@ import torch
 from keyface_core import sampling
 from keyface_core.errors import InputMismatchError
 
-from .diffusers import LoadedModel, sigma_to_timestep
+from .diffusers import LoadedModel, nearest_timestep
 
 COND_PREFIX = "dfc1-"   # bump when what the digest covers changes
 
@@ -149,7 +149,9 @@ class TextConditionedModel(LoadedModel):
                 return self.unet(hidden_states=x.to(dtype).contiguous(), encoder_hidden_states=context,
                                  pooled_projections=pooled, timestep=t, return_dict=False)[0].to(x.dtype)
             c_in = 1.0 / math.sqrt(float(sigma) ** 2 + 1.0)
-            t = sigma_to_timestep(self.table, sigma).to(torch.float32).expand(batch).to(device)
+            # ComfyUI's rule (nearest training step), not k-diffusion's interpolation: the same checkpoint then
+            # computes the same function here and in the nodes (the unconditional family keeps interpolation)
+            t = nearest_timestep(self.table, sigma).to(torch.float32).expand(batch).to(device)
             added = None
             if self.family == "sdxl":
                 # (original size, crop top-left, target size) in pixels, as the SDXL pipeline passes them
