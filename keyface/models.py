@@ -60,9 +60,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", config: 
     from keyface_core.backends import diffusers as backend
     try:
         import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise ModelLoadError(f"loading {spec!r} needs diffusers and transformers ({err.name} is not installed): "
+    except ImportError:
+        raise ModelLoadError(f"loading {spec!r} needs diffusers, which is not installed: "
                              "pip install 'keyface[diffusers]'.") from None
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:

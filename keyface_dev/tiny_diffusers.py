@@ -259,3 +259,63 @@ def comfy_unet_from_folder(folder: Path):
         raise ValueError(f"the tiny ComfyUI UNet and the diffusers folder differ: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return patcher
+
+
+def interchange_numbers(folder: Path, steps: tuple = (3, 10, 20)) -> dict:
+    """The numbers in docs/notes/dfcond.md ("Interchange"): the "sd15" folder's UNet run by diffusers (the backend)
+    and by ComfyUI (its own UNet code, same weights), zero conditioning, std-1 latents. Per-call x0 difference at
+    each sigma of a 10-step karras schedule, and the restore error when the other host retraces."""
+    from keyface_core import protocol
+    from keyface_core.backends import diffusers as backend
+    from keyface_core.backends.diffusers_text import Embedding
+    from keyface_core.keys import SecretKey, generate_key
+
+    from . import comfy_backend, tiny_models
+
+    ours = backend.load(str(folder))
+    ours._cond = (Embedding(torch.zeros(1, 77, 32)), None, 1.0)   # what ComfyUI's UNet gets without a CLIP
+    comfy = comfy_backend.ComfyModel(comfy_unet_from_folder(folder), tiny_models.vae_model(0))
+    out: dict = {"per_call": [], "restore": []}
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        for sigma in ours.sigmas(10, "karras")[:-1]:
+            a, b = ours.denoise(x * float(sigma), sigma), comfy.denoise(x * float(sigma), sigma)
+            out["per_call"].append({"sigma": float(sigma), "max_abs": float((a - b).abs().max()),
+                                    "relative": float((a - b).norm() / a.norm())})
+        comfy.close()
+        mask = torch.zeros(2, 1, 8, 8)
+        mask[:, :, 2:7, 2:6] = 1.0
+        for count in steps:
+            for name, (first, second) in (("diffusers->comfyui", (ours, comfy)), ("comfyui->diffusers", (comfy, ours))):
+                torch.manual_seed(3)
+                clean = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+                batch = protocol.FaceBatch(protocol.new_nonces(2), (0, 1), mask, protocol.public_background(clean, mask))
+                key = SecretKey(generate_key(), kind="key", source="measurement key (in memory)")
+                sigmas = first.sigmas(count, "karras")
+                keyed = protocol.lock(protocol.invert(first.denoise, clean, sigmas, batch, method="exact",
+                                                      add_noise=first.add_noise), clean, batch, key)
+                verdicts = []
+                for restorer in (first, second):
+                    restored = protocol.retrace(restorer.denoise, protocol.unlock(keyed, key), sigmas, batch,
+                                                add_noise=restorer.add_noise)
+                    verdicts.append(protocol.verify(restored, keyed, key))
+                    comfy.close()
+                same, other = verdicts
+                out["restore"].append({"steps": count, "direction": name, "same_host_exact": same.exact,
+                                       "other_exact": other.exact, "other_relative": other.relative_error,
+                                       "other_max_abs": other.max_abs_error, "differing": other.differing,
+                                       "values": other.values})
+    finally:
+        comfy.close()
+    return out
+
+
+if __name__ == "__main__":   # python -m keyface_dev.tiny_diffusers [FOLDER]: the interchange numbers as JSON
+    import sys
+    import tempfile
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "tiny-sd15"
+    if not (target / "model_index.json").is_file():
+        save_tiny_sd(target, layout="sd15")
+    print(json.dumps(interchange_numbers(target), indent=1))

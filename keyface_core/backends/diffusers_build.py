@@ -53,7 +53,16 @@ def prediction_of(scheduler_config: dict, kind: str | None) -> str:
     return found
 
 
+def _need_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise BackendError("text-conditioned models need transformers (their CLIP/T5 text encoders), which is not "
+                           "installed: pip install 'keyface[diffusers]'.") from None
+
+
 def from_folder(root: Path, denoiser: str, class_name: str, *, device: str, dtype: torch.dtype, kind: str | None):
+    _need_transformers()
     with quiet():
         return _from_folder(root, denoiser, class_name, device=device, dtype=dtype, kind=kind)
 
@@ -88,6 +97,7 @@ def _from_folder(root: Path, denoiser: str, class_name: str, *, device: str, dty
 
 def from_single_file(path: Path, config: str | None, *, device: str, dtype: torch.dtype, kind: str | None):
     """One .safetensors/.ckpt in the original (CompVis/Stability, ComfyUI) layout, through `from_single_file`."""
+    _need_transformers()
     with quiet():
         return _from_single_file(path, config, device=device, dtype=dtype, kind=kind)
 
