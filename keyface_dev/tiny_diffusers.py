@@ -119,8 +119,9 @@ TINY_T5_VOCAB = 4 + 26 + 3
 def save_tiny_sd(folder: Path, *, layout: str = "sd15", seed: int = 0, prediction_type: str = "epsilon",
                  t5: bool = False) -> Path:
     """A seeded tiny text-to-image pipeline folder: layout "sd15" (one CLIP, UNet2DConditionModel), "sdxl" (two
-    CLIPs, pooled embeds + time_ids) or "sd3" (SD3Transformer2DModel, two CLIPs and, with `t5`, a T5 encoder;
-    FlowMatch scheduler, shift 3).
+    CLIPs, pooled embeds + time_ids), "sd3" (SD3Transformer2DModel, two CLIPs and, with `t5`, a T5 encoder;
+    FlowMatch scheduler, shift 3) or "flux" (FluxTransformer2DModel with guidance embedding, CLIP + T5, dynamic
+    shift).
     The VAE downsamples 8x, as the real ones do; mechanics only."""
     from keyface_core.backends.diffusers_build import quiet
 
@@ -195,8 +196,28 @@ def _save_tiny_sd(folder: Path, layout: str, seed: int, prediction_type: str, t5
             index.update({"text_encoder_3": ["transformers", "T5EncoderModel"],
                           "tokenizer_3": ["transformers", "T5TokenizerFast"]})
         sub = "transformer"
+    elif layout == "flux":
+        from transformers import T5Config, T5EncoderModel
+        _tiny_clip(seed + 1, 32, None).save_pretrained(folder / "text_encoder")
+        torch.manual_seed(seed + 4)
+        T5EncoderModel(T5Config(vocab_size=TINY_T5_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)).eval().save_pretrained(folder / "text_encoder_2")
+        save_tiny_t5_tokenizer(folder / "tokenizer_2")
+        torch.manual_seed(seed)
+        denoiser = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4))
+        vae = _tiny_vae(seed + 2, 16, 0.3611, shift=0.1159)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                              max_shift=1.15)
+        index.update({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+                      "text_encoder": ["transformers", "CLIPTextModel"],
+                      "text_encoder_2": ["transformers", "T5EncoderModel"],
+                      "tokenizer_2": ["transformers", "T5TokenizerFast"]})
+        sub = "transformer"
     else:
-        raise ValueError(f"unknown layout {layout!r}: sd15, sdxl or sd3")
+        raise ValueError(f"unknown layout {layout!r}: sd15, sdxl, sd3 or flux")
     denoiser.save_pretrained(folder / sub)
     vae.save_pretrained(folder / "vae")
     scheduler.save_pretrained(folder / "scheduler")

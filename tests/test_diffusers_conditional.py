@@ -30,7 +30,7 @@ from keyface_core.keys import SecretKey, generate_key  # noqa: E402
 from keyface_dev.tiny_diffusers import save_tiny_sd, save_tiny_sd15_single_file  # noqa: E402
 
 LAYOUTS = {"sd15-eps": ("sd15", "epsilon"), "sd15-v": ("sd15", "v_prediction"), "sdxl": ("sdxl", "epsilon"),
-           "sd3-flow": ("sd3", "epsilon"), "sd3-t5": ("sd3", "t5")}
+           "sd3-flow": ("sd3", "epsilon"), "sd3-t5": ("sd3", "t5"), "flux": ("flux", "epsilon")}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def _faces(model, count=2, seed=1):
 def test_layouts_load_as_their_family(loaded):
     name, model = loaded
     expected = {"sd15-eps": ("sd", "eps", 4), "sd15-v": ("sd", "v", 4), "sdxl": ("sdxl", "eps", 4),
-                "sd3-flow": ("sd3", "flow", 16), "sd3-t5": ("sd3", "flow", 16)}[name]
+                "sd3-flow": ("sd3", "flow", 16), "sd3-t5": ("sd3", "flow", 16), "flux": ("flux", "flow", 16)}[name]
     assert (model.family, model.kind, model.latent_channels) == expected
-    assert (model.family == "sd3" and model.t5 is not None) == (name == "sd3-t5")
+    assert (model.t5 is not None) == (name in ("sd3-t5", "flux"))
     assert model.downscale == 8 and model.model_id.startswith("dfu-")
     assert model.encode(torch.rand(1, 3, 64, 64)).shape == (1, expected[2], 8, 8)
     sigmas = model.sigmas(4, "normal")
@@ -113,14 +113,15 @@ def test_conditioning_fingerprint_covers_prompt_negative_and_cfg_but_not_the_tex
         model.set_conditioning("a face", "", 0.0)
 
 
-@pytest.mark.parametrize("name", ["sd15-eps", "sdxl", "sd3-t5"])
+@pytest.mark.parametrize("name", ["sd15-eps", "sdxl", "sd3-t5", "flux"])
 def test_prompts_are_encoded_as_the_diffusers_pipelines_encode_them(folders, name):
-    """The same embeddings, bit for bit, as StableDiffusion(XL|3)Pipeline.encode_prompt (no grad, as in __call__)."""
+    """The same embeddings, bit for bit, as StableDiffusion(XL|3)Pipeline / FluxPipeline.encode_prompt (no grad,
+    as in their __call__)."""
     model = backend.load(str(folders[name]))
     model.set_conditioning("a smiling face", "", 1.0)
     ours, _, _ = model._cond
     pipeline_class = {"sd15-eps": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
-                      "sd3-t5": diffusers.StableDiffusion3Pipeline}[name]
+                      "sd3-t5": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[name]
     extra = {"safety_checker": None} if name == "sd15-eps" else {}
     pipe = pipeline_class.from_pretrained(folders[name], **extra)
     with torch.no_grad():
@@ -129,6 +130,8 @@ def test_prompts_are_encoded_as_the_diffusers_pipelines_encode_them(folders, nam
             pooled = None
         elif name == "sdxl":
             context, _, pooled, _ = pipe.encode_prompt("a smiling face", device="cpu", do_classifier_free_guidance=False)
+        elif name == "flux":
+            context, pooled, _ = pipe.encode_prompt("a smiling face", "a smiling face")
         else:
             context, _, pooled, _ = pipe.encode_prompt("a smiling face", "a smiling face", "a smiling face",
                                                        do_classifier_free_guidance=False)
@@ -163,6 +166,28 @@ def test_flow_schedule_matches_comfyui(host, folders):
         ours = model.sigmas(10, scheduler)
         theirs = comfy.samplers.calculate_sigmas(sampling, scheduler, 10).to(torch.float32)
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), scheduler
+
+
+def test_flux_schedule_and_guidance(host, folders):
+    """Flux with dynamic shifting takes ComfyUI's Flux default (ModelSamplingFlux, mu = max_shift 1.15), so the
+    schedule does not depend on the crop; the embedded guidance (3.5) is part of the conditioning fingerprint."""
+    import comfy.model_sampling
+    import comfy.samplers
+    model = backend.load(str(folders["flux"]))
+
+    class Settings:
+        sampling_settings = {"shift": 1.15}
+    sampling = comfy.model_sampling.ModelSamplingFlux(Settings())
+    for scheduler in ("normal", "karras", "exponential", "simple"):
+        theirs = comfy.samplers.calculate_sigmas(sampling, scheduler, 10).to(torch.float32)
+        assert torch.allclose(model.sigmas(10, scheduler), theirs, rtol=1e-5, atol=1e-6), scheduler
+    assert model.guidance == 3.5
+    base = model.set_conditioning("a face", "", 1.0)
+    model.guidance = 2.0
+    assert model.set_conditioning("a face", "", 1.0) != base
+    model.guidance = 3.5
+    with pytest.raises(protocol.InputMismatchError, match="even size"):
+        model.denoise(torch.zeros(1, 16, 7, 7, dtype=torch.float64), model.sigmas(2, "normal")[0])
 
 
 def _cache_layout(hub: Path, repo: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567"):
@@ -218,13 +243,13 @@ def _load(spec, **kwargs):
 
 
 def test_c80_unsupported_pipeline_names_what_is_supported(tmp_path):
-    """C80: a diffusers folder whose denoiser the backend does not run (Flux, video, ...)."""
-    flux = tmp_path / "flux"
-    (flux / "transformer").mkdir(parents=True)
-    (flux / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(backend.BackendError, match="FluxTransformer2DModel, which the diffusers backend does not "
-                                                   "run. Supported: .*SD3Transformer2DModel"):
-        _load(flux)
+    """C80: a diffusers folder whose denoiser the backend does not run (video, other DiTs, ...)."""
+    other = tmp_path / "hunyuan"
+    (other / "transformer").mkdir(parents=True)
+    (other / "transformer" / "config.json").write_text(json.dumps({"_class_name": "HunyuanDiT2DModel"}))
+    with pytest.raises(backend.BackendError, match="HunyuanDiT2DModel, which the diffusers backend does not "
+                                                   "run. Supported: .*SD3Transformer2DModel.*FluxTransformer2DModel"):
+        _load(other)
 
 
 def test_c81_repo_not_in_the_cache_while_offline(tmp_path, monkeypatch):

@@ -3,12 +3,11 @@
 It hands the protocol the `LoadedModel` interface the CLI uses (`keyface/models.py`), for
 - the authors' family, an unconditional `UNet2DModel` with a `VQModel` or `AutoencoderKL` (the layout of
   CompVis/ldm-celebahq-256: `unet/`, `vqvae/`, `scheduler/`), eps or v prediction from the scheduler config;
-- text-conditioned SD1.5/SD2/SDXL (`UNet2DConditionModel` + CLIP) and SD3 (`SD3Transformer2DModel`, rectified
-  flow) pipelines (`diffusers_text.py`, built by `diffusers_build.py`).
+- text-conditioned SD1.5/SD2/SDXL (`UNet2DConditionModel` + CLIP), SD3 (`SD3Transformer2DModel`) and Flux
+  (`FluxTransformer2DModel`) rectified-flow pipelines (`diffusers_text.py`, built by `diffusers_build.py`).
 A model comes from a diffusers folder, from a repo id resolved through the Hugging Face cache, or from one
 original-layout checkpoint file (`from_single_file`, configs from a diffusers folder or the cache). The sigma
-schedule always comes from the model's scheduler config. Flux (packed latents, guidance embedding, dynamic
-shift) is refused with a clear message.
+schedule always comes from the model's scheduler config.
 
 diffusers is imported inside functions, so `import keyface_core` never needs it.
 """
@@ -199,14 +198,16 @@ class LoadedModel:
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-DENOISERS = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
+DENOISERS = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer",
+             "FluxTransformer2DModel": "transformer"}
 # What a single checkpoint file is loaded as, by diffusers' own guess of its layout (single_file_utils).
 SINGLE_FILE_PIPELINES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
                          "xl_base": "StableDiffusionXLPipeline", "playground-v2-5": "StableDiffusionXLPipeline",
                          "sd3": "StableDiffusion3Pipeline", "sd35_medium": "StableDiffusion3Pipeline",
                          "sd35_large": "StableDiffusion3Pipeline"}
 SUPPORTED = ("UNet2DModel + VQModel/AutoencoderKL (unconditional LDMs), UNet2DConditionModel + AutoencoderKL + CLIP "
-             "(SD1.5, SD2, SDXL base), SD3Transformer2DModel + AutoencoderKL + CLIP (+T5) (SD3/SD3.5)")
+             "(SD1.5, SD2, SDXL base), SD3Transformer2DModel + AutoencoderKL + CLIP (+T5) (SD3/SD3.5), "
+             "FluxTransformer2DModel + AutoencoderKL + CLIP + T5 (Flux.1 dev/schnell)")
 
 
 def _offline() -> bool:
@@ -270,8 +271,8 @@ def _denoiser(root: Path) -> tuple[str, str]:
             if class_name in DENOISERS:
                 return folder, class_name
             raise BackendError(f"{root.name}: its denoiser is a {class_name or 'model of unknown class'}, which the "
-                               f"diffusers backend does not run. Supported: {SUPPORTED}. FluxTransformer2DModel and "
-                               "other pipelines: use the ComfyUI nodes.")
+                               f"diffusers backend does not run. Supported: {SUPPORTED}. Other pipelines: use the "
+                               "ComfyUI nodes.")
     raise BackendError(f"{root} is not a diffusers pipeline folder: it has no unet/ or transformer/ with a "
                        "config.json (expected model_index.json, unet/ or transformer/, vae/ or vqvae/, scheduler/).")
 

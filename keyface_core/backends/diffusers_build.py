@@ -165,6 +165,8 @@ def _build(components: dict, scheduler: dict, index: dict, *, name: str, device:
                   scale_factor=float(getattr(vae_config, "scaling_factor", 1.0) or 1.0),
                   shift_factor=float(getattr(vae_config, "shift_factor", 0.0) or 0.0))
     prediction = prediction_of(scheduler, kind)
+    if "transformer" in components and type(components["transformer"]).__name__ == "FluxTransformer2DModel":
+        return _build_flux(components, scheduler, name, prediction, common, device)
     if "transformer" in components:
         transformer = components["transformer"].to(device).eval()
         if prediction != "flow":
@@ -201,6 +203,36 @@ def _build(components: dict, scheduler: dict, index: dict, *, name: str, device:
                                     index.get("force_zeros_for_empty_prompt", True)),
                                 model_id=architecture_fingerprint({"unet": unet, "vae": vae},
                                                                   {"prediction": prediction}), **common)
+
+
+FLUX_GUIDANCE = 3.5   # FluxPipeline's default guidance_scale (the embedded, distilled guidance of Flux.1-dev)
+
+
+def _build_flux(components: dict, scheduler: dict, name: str, prediction: str, common: dict, device: str):
+    """Flux.1: CLIP (pooled) in text_encoder/, T5 in text_encoder_2/, 2x2-packed latents, embedded guidance."""
+    transformer = components["transformer"].to(device).eval()
+    if prediction != "flow":
+        raise BackendError(f"{name}: a Flux transformer needs a FlowMatch scheduler (found "
+                           f"{scheduler.get('_class_name')}).")
+    if "text_encoder_2" not in components or type(components["text_encoder_2"]).__name__ != "T5EncoderModel":
+        raise BackendError(f"{name}: a Flux pipeline needs its T5 encoder in text_encoder_2/ and tokenizer_2/.")
+    clip = TextEncoder(components["tokenizer"], components["text_encoder"].to(device).eval())
+    t5 = TextEncoder(components["tokenizer_2"], components["text_encoder_2"].to(device).eval(), max_length=512)
+    steps = int(scheduler.get("num_train_timesteps", 1000))
+    if scheduler.get("use_dynamic_shifting"):
+        # ComfyUI's Flux default (ModelSamplingFlux, mu = max_shift, 1.15 for dev) rather than diffusers'
+        # resolution-dependent mu: the schedule then does not depend on the crop size
+        shift, rule = float(scheduler.get("max_shift", 1.15)), "flux"
+        steps = 10_000   # ModelSamplingFlux's table has 10000 entries
+    else:
+        shift, rule = float(scheduler.get("shift", 1.0)), "sd3"
+    guidance = FLUX_GUIDANCE if transformer.config.guidance_embeds else None
+    return FlowModel(kind="flow", unet=transformer, table=flow_table(shift, steps, rule), family="flux", texts=[clip],
+                     t5=t5, joint_dim=int(transformer.config.joint_attention_dim), shift=shift, train_steps=steps,
+                     shift_rule=rule, guidance=guidance, flow_multiplier=1.0,
+                     model_id=architecture_fingerprint({"transformer": transformer, "vae": common["autoencoder"]},
+                                                       {"shift": shift, "rule": rule, "train_steps": steps}),
+                     **common)
 
 
 def _check_unet(config: dict, latent_channels: int, name: str) -> None:

@@ -1,8 +1,9 @@
 """Text-conditioned diffusers models behind the `LoadedModel` interface: SD1.5 and SDXL (`UNet2DConditionModel`,
-eps or v) and SD3 (`SD3Transformer2DModel`, rectified flow), with their CLIP (and optional T5) text encoders.
+eps or v), SD3 (`SD3Transformer2DModel`, rectified flow) and Flux (`FluxTransformer2DModel`, packed latents,
+guidance embedding), with their CLIP and T5 text encoders.
 
 Prompts are encoded the way the diffusers pipelines encode them (StableDiffusionPipeline, StableDiffusionXLPipeline,
-StableDiffusion3Pipeline, clip_skip unset), so a prompt means here what it means in diffusers. Classifier-free
+StableDiffusion3Pipeline, FluxPipeline, clip_skip unset), so a prompt means here what it means in diffusers. Classifier-free
 guidance runs the conditional and the unconditional branch in two separate model calls (never a batch of two: the
 exact inversion needs every call to give the same bits for the same state), and is skipped at cfg 1 as ComfyUI does.
 
@@ -78,6 +79,7 @@ class TextConditionedModel(LoadedModel):
     joint_dim: int = 0                                          # SD3: the transformer's joint_attention_dim
     zero_empty_negative: bool = False                           # SDXL's force_zeros_for_empty_prompt
     flow_multiplier: float = 1000.0
+    guidance: float | None = None                               # Flux-dev's distilled guidance (embedded)
     _cond: tuple = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -88,6 +90,9 @@ class TextConditionedModel(LoadedModel):
         if self.family == "sd":
             context, _ = _encode_clip(self.texts[0], prompt, digest)
             return Embedding(context)
+        if self.family == "flux":
+            digest.update(b"ids" + _tokens(self.texts[0], prompt).to(torch.int64).numpy().tobytes())
+            return self._embed_flux(prompt, digest)
         hiddens, pooled = [], []
         for text in self.texts:
             hidden, pool = _encode_clip(text, prompt, digest)
@@ -107,6 +112,16 @@ class TextConditionedModel(LoadedModel):
         else:                                     # diffusers' StableDiffusion3Pipeline without text_encoder_3
             t5 = torch.zeros(1, 256, self.joint_dim)
         return Embedding(torch.cat([context, t5], dim=-2), torch.cat(pooled, dim=-1))
+
+    def _embed_flux(self, prompt: str, digest) -> Embedding:
+        """FluxPipeline.encode_prompt: CLIP's pooled output, and T5's hidden states as the context."""
+        ids = _tokens(self.t5, prompt)
+        digest.update(b"t5" + ids.to(torch.int64).numpy().tobytes())
+        device = next(self.t5.encoder.parameters()).device
+        with torch.no_grad():
+            t5 = self.t5.encoder(ids.to(device), output_hidden_states=False)[0].to(torch.float32)
+            clip = self.texts[0].encoder(_tokens(self.texts[0], prompt).to(device), output_hidden_states=False)
+        return Embedding(t5, clip.pooler_output.to(torch.float32))
 
     def _zeros_like(self, embedding: Embedding) -> Embedding:
         pooled = None if embedding.pooled is None else torch.zeros_like(embedding.pooled)
@@ -132,6 +147,8 @@ class TextConditionedModel(LoadedModel):
             _digest_tensor(digest, uncond.pooled)
         # at cfg 1 the unconditional branch is never run (as in ComfyUI), so a negative prompt changes nothing
         digest.update(b"cfg" + repr(cfg).encode())
+        if self.guidance is not None:
+            digest.update(b"guidance" + repr(float(self.guidance)).encode())
         self._cond = (positive, uncond, cfg)
         return COND_PREFIX + digest.hexdigest()[:24]
 
@@ -143,6 +160,8 @@ class TextConditionedModel(LoadedModel):
         batch = x.shape[0]
         context = embedding.context.to(device, dtype).expand(batch, -1, -1).contiguous()
         with torch.no_grad():
+            if self.family == "flux":
+                return self._call_flux(x, sigma, context, embedding)
             if self.family == "sd3":
                 t = (sigma.to(torch.float32) * self.flow_multiplier).expand(batch).to(device)
                 pooled = embedding.pooled.to(device, dtype).expand(batch, -1).contiguous()
@@ -162,6 +181,28 @@ class TextConditionedModel(LoadedModel):
             return self.unet((x * c_in).to(dtype).contiguous(), t, encoder_hidden_states=context,
                              added_cond_kwargs=added, return_dict=False)[0].to(x.dtype)
 
+    def _call_flux(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, embedding: Embedding):
+        """FluxPipeline's transformer call: 2x2 patches packed into tokens, positions as ids, timestep = sigma."""
+        dtype = next(self.unet.parameters()).dtype
+        b, c, h, w = x.shape
+        if h % 2 or w % 2:
+            raise InputMismatchError(f"a Flux latent needs an even size (got {h}x{w}); use a --crop-size that is a "
+                                     f"multiple of {2 * self.downscale}.")
+        packed = x.to(dtype).reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] += torch.arange(h // 2)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        device = x.device
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full([b], float(self.guidance), dtype=torch.float32, device=device)
+        out = self.unet(hidden_states=packed.contiguous(), timestep=sigma.to(torch.float32).expand(b).to(device),
+                        guidance=guidance, pooled_projections=embedding.pooled.to(device, dtype).expand(b, -1)
+                        .contiguous(), encoder_hidden_states=context,
+                        txt_ids=torch.zeros(context.shape[1], 3, dtype=dtype, device=device),
+                        img_ids=img_ids.reshape(-1, 3).to(device, dtype), return_dict=False)[0]
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).to(x.dtype)
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         positive, uncond, cfg = self._cond
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(())
@@ -177,22 +218,29 @@ class TextConditionedModel(LoadedModel):
         return x - s * out
 
 
-def flow_table(shift: float, steps: int = 1000) -> torch.Tensor:
-    """ComfyUI's ModelSamplingDiscreteFlow sigmas (ascending): time_snr_shift(shift, t) at t = 1/steps .. 1."""
-    t = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+def _shifted(t: torch.Tensor, shift: float, rule: str) -> torch.Tensor:
+    """ComfyUI's time shifts: "sd3" time_snr_shift (ModelSamplingDiscreteFlow), "flux" flux_time_shift with
+    mu = shift (ModelSamplingFlux)."""
+    if rule == "flux":
+        return math.exp(shift) / (math.exp(shift) + (1 / t - 1))
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
-def flow_schedule(shift: float, steps: int, scheduler: str, train_steps: int = 1000) -> torch.Tensor:
+def flow_table(shift: float, steps: int = 1000, rule: str = "sd3") -> torch.Tensor:
+    """ComfyUI's flow sigmas (ascending): the shifted time at t = 1/steps .. 1."""
+    return _shifted(torch.arange(1, steps + 1, dtype=torch.float64) / steps, shift, rule)
+
+
+def flow_schedule(shift: float, steps: int, scheduler: str, train_steps: int = 1000, rule: str = "sd3") -> torch.Tensor:
     """float32 flow sigmas from 1 down to 0, as comfy.samplers.calculate_sigmas computes them for a flow model."""
     from .diffusers import SCHEDULERS
     if steps < 1:
         raise InputMismatchError("steps must be at least 1")
-    table = flow_table(shift, train_steps)
+    table = flow_table(shift, train_steps, rule)
     sigma_min, sigma_max = float(table[0]), float(table[-1])
 
     def shifted(t: torch.Tensor) -> torch.Tensor:
-        return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+        return _shifted(t, shift, rule)
 
     if scheduler == "normal":
         sig = shifted(torch.linspace(sigma_max, sigma_min, steps, dtype=torch.float64))
@@ -212,11 +260,12 @@ def flow_schedule(shift: float, steps: int, scheduler: str, train_steps: int = 1
 
 @dataclass
 class FlowModel(TextConditionedModel):
-    """SD3: sigmas in [0, 1] with x = (1 - sigma) x0 + sigma eps, shifted as the scheduler config says."""
+    """SD3 and Flux: sigmas in [0, 1] with x = (1 - sigma) x0 + sigma eps, shifted as the scheduler config says."""
 
     shift: float = 1.0
     train_steps: int = 1000
+    shift_rule: str = "sd3"
     add_noise: object = sampling.flow_add_noise
 
     def sigmas(self, steps: int, scheduler: str) -> torch.Tensor:
-        return flow_schedule(self.shift, steps, scheduler, self.train_steps)
+        return flow_schedule(self.shift, steps, scheduler, self.train_steps, self.shift_rule)
