@@ -18,7 +18,7 @@ from keyface_core.errors import InputMismatchError, KeyFaceError
 
 DEV_PREFIX = "dev:"
 # A single checkpoint file holds weights only: its configs/tokenizers/scheduler come from this diffusers folder or
-# cached repo id (the same variable reaches Ray workers through the job's environment).
+# cached repo id (on a Ray cluster, set it in every node's environment, as for a key variable).
 CONFIG_ENV = "KEYFACE_MODEL_CONFIG"
 
 

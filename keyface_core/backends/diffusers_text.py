@@ -71,12 +71,13 @@ def _digest_tensor(digest, tensor: torch.Tensor | None) -> None:
 
 @dataclass
 class TextConditionedModel(LoadedModel):
-    """A `UNet2DConditionModel` (family "sd" or "sdxl") or an `SD3Transformer2DModel` (family "sd3")."""
+    """A `UNet2DConditionModel` (family "sd" or "sdxl"), an `SD3Transformer2DModel` ("sd3") or a
+    `FluxTransformer2DModel` ("flux")."""
 
     family: str = "sd"
     texts: list = field(default_factory=list, repr=False)      # [TextEncoder]
-    t5: TextEncoder | None = field(default=None, repr=False)   # SD3's third encoder (optional, as in diffusers)
-    joint_dim: int = 0                                          # SD3: the transformer's joint_attention_dim
+    t5: TextEncoder | None = field(default=None, repr=False)   # SD3's optional third encoder; Flux's context
+    joint_dim: int = 0                                          # SD3/Flux: the transformer's joint_attention_dim
     zero_empty_negative: bool = False                           # SDXL's force_zeros_for_empty_prompt
     flow_multiplier: float = 1000.0
     guidance: float | None = None                               # Flux-dev's distilled guidance (embedded)
