@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import os
+
 import torch
 
 from keyface_core.errors import InputMismatchError, KeyFaceError
 
 DEV_PREFIX = "dev:"
+# A single checkpoint file holds weights only: its configs/tokenizers/scheduler come from this diffusers folder or
+# cached repo id (on a Ray cluster, set it in every node's environment, as for a key variable).
+CONFIG_ENV = "KEYFACE_MODEL_CONFIG"
 
 
 class Model(Protocol):
@@ -43,30 +48,30 @@ def latent_scale(model) -> tuple[float, float]:
     return float(scale), float(getattr(model, "shift_factor", 0.0) or 0.0)
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "float32"):
-    """The model named by `spec`: a diffusers folder, a Hugging Face repo id (local cache), a single checkpoint file,
+def load_model(spec: str, device: str = "auto", dtype: str = "float32", config: str | None = None):
+    """The model named by `spec`: a diffusers folder, a Hugging Face repo id (local cache), a single checkpoint file
+    (`config`, else $KEYFACE_MODEL_CONFIG: a diffusers folder or repo id with its configs),
     or `dev:tiny[:SEED]` / `dev:comfy-tiny` / `dev:comfy-sd15` (seeded random models, mechanics only)."""
     if not spec:
         raise InputMismatchError("no model given: pass --model with a diffusers folder, a Hugging Face repo id or a "
                                  "checkpoint file.")
     if spec.startswith(DEV_PREFIX):
         return _load_dev(spec, device)
+    from keyface_core.backends import diffusers as backend
     try:
-        from keyface_core.backends import diffusers as backend
-    except ImportError as err:
-        # The backend module is not shipped yet (issue 12 part A): say so plainly instead of pointing at an extra.
-        raise ModelLoadError(f"loading {spec!r} needs the diffusers backend, which this version of KeyFace does not "
-                             "include yet; anonymize in ComfyUI with the KeyFace nodes, or use a dev model "
-                             "(dev:tiny, dev:comfy-tiny, dev:comfy-sd15) to try the command line.") from None
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"loading {spec!r} needs diffusers, which is not installed: "
+                             "pip install 'keyface[diffusers]'.") from None
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise InputMismatchError(f"unknown --dtype {dtype!r}; choose float32, float16 or bfloat16.")
     resolved = _device(device)
     try:
-        return backend.load(spec, device=resolved, dtype=torch_dtype)
+        return backend.load(spec, device=resolved, dtype=torch_dtype, config=config or os.environ.get(CONFIG_ENV) or None)
     except KeyFaceError:
         raise
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:   # unreadable files, mismatched weights
         raise ModelLoadError(f"cannot load the model {spec!r}: {err}. Pass a diffusers folder, a cached Hugging Face "
                              "repo id or a .safetensors/.ckpt checkpoint.") from None
 

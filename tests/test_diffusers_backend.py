@@ -91,11 +91,14 @@ def test_schedule_matches_comfyui(host, ldm):
 def test_unsupported_models_say_what_to_do(tmp_path):
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"x")
-    with pytest.raises(backend.BackendError, match="single checkpoint file"):
+    with pytest.raises(backend.BackendError, match="cannot read the checkpoint file model.safetensors"):
         backend.load(str(single))
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    with pytest.raises(backend.BackendError, match="unconditional UNet2DModel pipelines only"):
+    with pytest.raises(backend.BackendError, match="no vae/ folder with an AutoencoderKL"):
+        backend.load(str(tmp_path / "sd"))
+    (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNetSpatioTemporalModel"}))
+    with pytest.raises(backend.BackendError, match="does not run. Supported: UNet2DModel"):
         backend.load(str(tmp_path / "sd"))
     with pytest.raises(backend.BackendError, match="Hugging Face cache"):
         backend.load("nobody/not-a-cached-repo")

@@ -1,10 +1,13 @@
-"""The diffusers backend: a denoiser in ComfyUI's sigma space over a diffusers model folder (no ComfyUI import).
+"""The diffusers backend: a denoiser in ComfyUI's sigma space over diffusers models (no ComfyUI import).
 
-It hands the protocol the `LoadedModel` interface the CLI uses (`keyface/models.py`). Today it covers the
-authors' family, an unconditional `UNet2DModel` with a `VQModel` or `AutoencoderKL` (e.g. the layout of
-CompVis/ldm-celebahq-256: `unet/`, `vqvae/`, `scheduler/`), with eps or v prediction read from the scheduler
-config. Text-conditioned pipelines (SD1.5/SDXL `UNet2DConditionModel`, SD3/Flux transformers) and single
-checkpoint files are refused with a clear message: they are not built yet.
+It hands the protocol the `LoadedModel` interface the CLI uses (`keyface/models.py`), for
+- the authors' family, an unconditional `UNet2DModel` with a `VQModel` or `AutoencoderKL` (the layout of
+  CompVis/ldm-celebahq-256: `unet/`, `vqvae/`, `scheduler/`), eps or v prediction from the scheduler config;
+- text-conditioned SD1.5/SD2/SDXL (`UNet2DConditionModel` + CLIP), SD3 (`SD3Transformer2DModel`) and Flux
+  (`FluxTransformer2DModel`) rectified-flow pipelines (`diffusers_text.py`, built by `diffusers_build.py`).
+A model comes from a diffusers folder, from a repo id resolved through the Hugging Face cache, or from one
+original-layout checkpoint file (`from_single_file`, configs from a diffusers folder or the cache). The sigma
+schedule always comes from the model's scheduler config.
 
 diffusers is imported inside functions, so `import keyface_core` never needs it.
 """
@@ -97,6 +100,13 @@ def sigma_to_timestep(table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (1 - w) * low + w * high
 
 
+def nearest_timestep(table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The training timestep nearest in log sigma: the rule ComfyUI's ModelSamplingDiscrete.timestep applies, so
+    the UNet is evaluated where ComfyUI evaluates it (and where it was trained: integer timesteps)."""
+    log_sigma = sigma.to(torch.float64).clamp_min(1e-10).log()
+    return (log_sigma - table.log()).abs().argmin().to(torch.float64)
+
+
 def weights_fingerprint(*modules: torch.nn.Module) -> str:
     """A digest of the weights themselves (names and values, in state-dict order): the same folder, the same id."""
     digest = hashlib.sha256(b"keyface/diffusers-weights/v1\0")
@@ -107,11 +117,37 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
     return "dfu-" + digest.hexdigest()[:32]
 
 
+def architecture_fingerprint(modules: dict, extra: dict | None = None) -> str:
+    """`weights_fingerprint` plus each module's class and config (head count, norm groups, embedding types...): two
+    configs can share every weight shape yet compute differently. For the text-conditioned families; the
+    unconditional family keeps the weights-only form so its files still restore."""
+    digest = hashlib.sha256(b"keyface/diffusers-model/v2\0")
+    for name, module in modules.items():
+        config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items()
+                  if not k.startswith("_") and k not in ("name_or_path", "transformers_version", "dtype")}
+        digest.update(f"{name}:{type(module).__name__}:".encode() + json.dumps(config, sort_keys=True, default=str)
+                      .encode())
+    digest.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    digest.update(weights_fingerprint(*modules.values()).encode())
+    return "dfu-" + digest.hexdigest()[:32]
+
+
+def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Every weight in its own freshly allocated (aligned) buffer. Weights read from one .safetensors file can be
+    views at arbitrary offsets of its mapped storage, and a CPU matmul may then round differently (measured: the
+    same UNet weights gave outputs 6e-6 apart). The exact restore needs the same bits from the same weights however
+    they were loaded, in every process."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return module
+
+
 @dataclass
 class LoadedModel:
     """What the protocol needs from a model: denoise in sigma space, the schedule, the autoencoder."""
 
-    kind: str                    # "eps" | "v"
+    kind: str                    # "eps" | "v" | "flow" (diffusers_text.FlowModel)
     unet: torch.nn.Module = field(repr=False)
     autoencoder: torch.nn.Module = field(repr=False)
     table: torch.Tensor = field(repr=False)
@@ -161,37 +197,95 @@ class LoadedModel:
         return ((image.to(torch.float32) + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DENOISERS = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer",
+             "FluxTransformer2DModel": "transformer"}
+# What a single checkpoint file is loaded as, by diffusers' own guess of its layout (single_file_utils).
+SINGLE_FILE_PIPELINES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
+                         "xl_base": "StableDiffusionXLPipeline", "playground-v2-5": "StableDiffusionXLPipeline",
+                         "sd3": "StableDiffusion3Pipeline", "sd35_medium": "StableDiffusion3Pipeline",
+                         "sd35_large": "StableDiffusion3Pipeline"}
+SUPPORTED = ("UNet2DModel + VQModel/AutoencoderKL (unconditional LDMs), UNet2DConditionModel + AutoencoderKL + CLIP "
+             "(SD1.5, SD2, SDXL base), SD3Transformer2DModel + AutoencoderKL + CLIP (+T5) (SD3/SD3.5), "
+             "FluxTransformer2DModel + AutoencoderKL + CLIP + T5 (Flux.1 dev/schnell)")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def _resolve(spec: str) -> Path:
     """A local diffusers folder, or a repo id resolved through the Hugging Face cache exactly as diffusers does
     (a download only when the user names a repo that is not cached and HF_HUB_OFFLINE is not set)."""
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         return path
-    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or path.is_file():
-        raise BackendError(f"{spec!r} is a single checkpoint file; the diffusers backend loads diffusers folders "
-                           "(model_index.json + unet/ + vqvae/ or vae/ + scheduler/) in this version. Convert it "
-                           "with diffusers' from_single_file + save_pretrained, or use the ComfyUI nodes.")
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    if path.suffix in CHECKPOINT_SUFFIXES or path.is_file():
+        raise BackendError(f"{spec!r} is a single checkpoint file, not a diffusers folder.")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
         try:
             return Path(snapshot_download(spec))
-        except Exception as err:   # offline and not cached, unknown repo, network
+        except LocalEntryNotFoundError:
+            if _offline():
+                raise BackendError(f"the repo {spec!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, "
+                                   "so it cannot be downloaded: download it once where the network is allowed "
+                                   f"(`hf download {spec}`), point HF_HOME at the cache that holds it, or pass a "
+                                   "local diffusers folder.") from None
+            raise BackendError(f"cannot find the model {spec!r} in the Hugging Face cache or download it (no network "
+                               "or the Hub did not answer); pass a local diffusers folder instead.") from None
+        except Exception as err:   # unknown or gated repo, network
             raise BackendError(f"cannot find the model {spec!r} in the Hugging Face cache or download it "
-                               f"({type(err).__name__}); pass a local diffusers folder instead.") from None
-    raise BackendError(f"{spec!r} is not a folder, a checkpoint file or a Hugging Face repo id.")
+                               f"({type(err).__name__}); check the repo id, or pass a local diffusers folder "
+                               "instead.") from None
+    raise BackendError(f"{spec!r} is not a folder, a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) or a "
+                       "Hugging Face repo id (owner/name).")
 
 
-def load(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, kind: str | None = None) -> LoadedModel:
-    """Load an unconditional diffusers LDM (UNet2DModel + VQModel/AutoencoderKL + scheduler) from `model`."""
+def load(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, kind: str | None = None,
+         config: str | None = None) -> LoadedModel:
+    """Load a diffusers model from a folder, a Hugging Face repo id (through the cache) or a single checkpoint file.
+
+    `config` (single files only): a diffusers folder or repo id with the same architecture, whose component configs,
+    tokenizers and scheduler replace the ones diffusers would otherwise fetch from the Hub."""
+    path = Path(os.path.expanduser(model))
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES and not path.is_dir():
+        if not path.is_file():
+            raise BackendError(f"the checkpoint file {model!r} does not exist.")
+        return _load_single_file(path, config, device=device, dtype=dtype, kind=kind)
+    root = _resolve(model)
+    denoiser, class_name = _denoiser(root)
+    if class_name == "UNet2DModel":
+        return _load_unconditional(root, device=device, dtype=dtype, kind=kind)
+    from . import diffusers_build
+    return diffusers_build.from_folder(root, denoiser, class_name, device=device, dtype=dtype, kind=kind)
+
+
+def _denoiser(root: Path) -> tuple[str, str]:
+    """(subfolder, class name) of the pipeline's denoiser, or a BackendError naming what is supported."""
+    for folder in ("unet", "transformer"):
+        if (root / folder / "config.json").is_file():
+            class_name = _config(root / folder).get("_class_name", "")
+            if class_name in DENOISERS:
+                return folder, class_name
+            raise BackendError(f"{root.name}: its denoiser is a {class_name or 'model of unknown class'}, which the "
+                               f"diffusers backend does not run. Supported: {SUPPORTED}. Other pipelines: use the "
+                               "ComfyUI nodes.")
+    raise BackendError(f"{root} is not a diffusers pipeline folder: it has no unet/ or transformer/ with a "
+                       "config.json (expected model_index.json, unet/ or transformer/, vae/ or vqvae/, scheduler/).")
+
+
+def _load_single_file(path: Path, config: str | None, *, device: str, dtype: torch.dtype, kind: str | None):
+    from . import diffusers_build
+    return diffusers_build.from_single_file(path, config, device=device, dtype=dtype, kind=kind)
+
+
+def _load_unconditional(root: Path, *, device: str, dtype: torch.dtype, kind: str | None) -> LoadedModel:
+    """An unconditional diffusers LDM (UNet2DModel + VQModel/AutoencoderKL + scheduler), the paper's family."""
     import diffusers
 
-    root = _resolve(model)
-    unet_config = _config(root / "unet")
-    unet_class = unet_config.get("_class_name", "")
-    if unet_class != "UNet2DModel":
-        raise BackendError(f"{root.name}: its denoiser is a {unet_class or 'unknown model'}; this version of the "
-                           "diffusers backend runs unconditional UNet2DModel pipelines only (the paper's face LDM "
-                           "family). For SD1.5/SDXL/SD3/Flux checkpoints use the ComfyUI nodes.")
     for folder, class_name in AUTOENCODERS:
         if (root / folder / "config.json").is_file() and _config(root / folder).get("_class_name") == class_name:
             break
@@ -202,8 +296,9 @@ def load(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
     if prediction not in ("eps", "v"):
         raise BackendError(f"prediction_type {scheduler_config.get('prediction_type')!r} is not supported (epsilon, "
                            "v_prediction).")
-    unet = diffusers.UNet2DModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device).eval()
-    autoencoder = getattr(diffusers, class_name).from_pretrained(root / folder, torch_dtype=dtype).to(device).eval()
+    unet = _own_memory(diffusers.UNet2DModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device)).eval()
+    autoencoder = _own_memory(getattr(diffusers, class_name).from_pretrained(root / folder, torch_dtype=dtype)
+                              .to(device)).eval()
     config = autoencoder.config
     downscale = 2 ** (len(config.block_out_channels) - 1)
     return LoadedModel(
