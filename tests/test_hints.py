@@ -348,7 +348,7 @@ def test_cli_stores_landmarks_only_when_asked(tmp_path):
         from keyface.cli import describe
         assert all(face["landmarks"] is store for face in describe(record)["faces"])     # keyface inspect says so
         if store:
-            expected = find_faces(read_image(source, 64.0), settings).landmarks
+            expected = find_faces(read_image(source, 64.0)[0], settings).landmarks
             assert all(np.array_equal(f.landmarks, lm) for f, lm in zip(record.faces, expected))
         else:
             assert all(f.landmarks is None for f in record.faces)
