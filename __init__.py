@@ -3,6 +3,8 @@
 Importing registers nothing beyond ComfyUI's V3 entry point: no downloads, no model loads.
 """
 
+WEB_DIRECTORY = "./web"   # one small extension: shows a KeyFace node's report text on the node
+
 try:
     from .nodes import comfy_entrypoint  # noqa: F401  (ComfyUI >= 0.3.48: V3 schema)
 except ImportError as err:  # pragma: no cover - older ComfyUI or imported outside ComfyUI

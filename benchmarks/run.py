@@ -1,10 +1,12 @@
-"""KeyFace benchmark and evaluation harness: one command, Markdown + JSON + PNG plots.
+"""KeyFace benchmark and evaluation harness (format v2): one command, Markdown + JSON + PNG plots.
 
     .venv/bin/python benchmarks/run.py [--quick] [--checkpoint PATH] [--faces DIR] [--only SECTION,...]
 
-Sections (all by default): speed (tiny model), sd15 (SD1.5-sized random UNet), exactness, photo
-(12 MP photo vs 512² crop), identity (dlib identity/quality harness on a faces folder), analytic
-(sampler quality and anonymization on a Gaussian mixture with its exact denoiser).
+Sections (all by default): speed (tiny model, with the job-cost table of benchmarks/job_cost.py), sd15
+(SD1.5-sized random UNet), exactness (restore error, calls, and Restore's verdict under other numerics),
+photo (12 MP photo vs 512² crop, and the bytes lossless mode adds per face), identity (anonymize -> save
+-> load -> restore on a faces folder: identity, the restored photo vs the ideal, lossless on and off),
+analytic (sampler quality on a Gaussian mixture with its exact denoiser; format v1's anonymization as baseline).
 Writes benchmarks/results/results.md, results.json and *.png (plots need matplotlib).
 See benchmarks/README.md for what each number means.
 """
@@ -38,7 +40,10 @@ def settings_for(quick: bool) -> dict:
             "sd15": None,
             "curves": {"steps": [5, 10, 20], "iterations": [1, 3, 8], "tolerances": [1e-3, 1e-6]},
             "nodes": {"steps": 20, "methods": ["exact", "plain", "exact_single"], "calls_steps": [10, 20]},
+            "numerics": {"steps": 10, "analytic_samples": 8, "analytic_steps": 10},
+            "job_cost": {"shape": [1, 4, 32, 32], "steps": [10], "reps": 3},
             "photo": {"megapixels": 12.0, "crop_size": 512, "steps": 3, "reps": 1},
+            "lossless": {"crop_size": 512, "steps": 3, "limit": 3},
             "identity": {"steps": 8, "mode": "exact", "crop_size": 128, "limit": 3},
             "analytic": {"k": 8, "samples": 16, "steps": [5, 10, 20], "reference_substeps": 300,
                          "anon_samples": 16, "anon_steps": 20},
@@ -51,7 +56,10 @@ def settings_for(quick: bool) -> dict:
         "curves": {"steps": [5, 10, 20, 30, 50], "iterations": [1, 2, 4, 8, 16, 24],
                    "tolerances": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]},
         "nodes": {"steps": 20, "methods": ["exact", "exact_single", "plain"], "calls_steps": [10, 20, 30, 50]},
+        "numerics": {"steps": 20, "analytic_samples": 64, "analytic_steps": 20},
+        "job_cost": {"shape": [1, 4, 32, 32], "steps": [20, 30], "reps": 7},
         "photo": {"megapixels": 12.0, "crop_size": 512, "steps": 8, "reps": 2},
+        "lossless": {"crop_size": 512, "steps": 4, "limit": None},
         "identity": {"steps": 20, "mode": "exact", "crop_size": 128, "limit": None},
         "analytic": {"k": 8, "samples": 64, "steps": [5, 10, 20, 30, 50], "reference_substeps": 600,
                      "anon_samples": 64, "anon_steps": 20},
@@ -89,14 +97,6 @@ def main(argv=None) -> int:
 
     def log(msg):
         tqdm.write(msg, file=sys.stderr)
-
-    import logging
-
-    class _Expected(logging.Filter):
-        # The harness restores from payload-less PNGs on purpose; the pack's warning about it is expected.
-        def filter(self, record):
-            return "no latent payload" not in record.getMessage()
-    logging.getLogger("keyface").addFilter(_Expected())
 
     started = time.perf_counter()
     log("booting ComfyUI (CPU) with KeyFace ...")
@@ -144,6 +144,12 @@ def main(argv=None) -> int:
             c = cfg["batch"]
             with bar(f"speed: batch of {c['n']} vs singles", 2 * c["reps"]) as p:
                 res["speed"]["batch_tiny"] = speed.batch_vs_single(tiny, c["n"], tuple(c["shape"]), c["steps"], c["reps"], p)
+            c = cfg["job_cost"]
+            from job_cost import measure as job_cost
+            res["speed"]["job_cost_tiny"] = []
+            for steps in c["steps"]:
+                log(f"job cost: tiny model, {steps} steps, {c['reps']} shuffled rounds ...")
+                res["speed"]["job_cost_tiny"].append(job_cost(tiny, tuple(c["shape"]), steps, c["reps"]))
         section("speed", run_speed)
 
     if "sd15" in only and cfg["sd15"]:
@@ -170,9 +176,19 @@ def main(argv=None) -> int:
             with bar("exactness: curves", total) as p:
                 res["exactness"]["curves"] = exactness.curves(tiny, c["steps"], c["iterations"], c["tolerances"], p)
             c = cfg["nodes"]
-            with bar("exactness: calls and payload", 4 * len(c["methods"]) + 2 * len(c["calls_steps"])) as p:
-                res["exactness"]["nodes"] = exactness.node_calls_and_payload(tiny, c["steps"], c["methods"],
-                                                                             c["calls_steps"], p)
+            with bar("exactness: calls and restore", len(c["methods"]) * (3 + len(c["calls_steps"]))) as p:
+                res["exactness"]["nodes"] = exactness.node_restore_table(tiny, c["steps"], c["methods"],
+                                                                         c["calls_steps"], p)
+            c = cfg["numerics"]
+            with bar("exactness: restore with other numerics (tiny)", 6) as p:
+                res["exactness"]["numerics_tiny"] = exactness.numerics_tiny(tiny, c["steps"], p,
+                                                                            threads=max(1, args.threads))
+            with bar("exactness: restore with other numerics (analytic)", 5) as p:
+                res["exactness"]["numerics_analytic"] = exactness.numerics_analytic(
+                    c["analytic_samples"], c["analytic_steps"], p, threads=max(1, args.threads))
+            if args.threads > 0:
+                import torch
+                torch.set_num_threads(args.threads)
         section("exactness", run_exactness)
 
     if "photo" in only:
@@ -180,6 +196,12 @@ def main(argv=None) -> int:
             c = cfg["photo"]
             with bar(f"photo: {c['megapixels']:.0f} MP photo vs {c['crop_size']}² crop", 2 * c["reps"]) as p:
                 res["photo"] = photo.photo_vs_crop(tiny, c["steps"], c["reps"], p, c["megapixels"], c["crop_size"])
+            c = cfg["lossless"]
+            n = len(identity.photo_files(common.FACES_DIR))
+            n = min(n, c["limit"]) if c["limit"] else n
+            with bar(f"photo: lossless bytes per face at {c['crop_size']}²", n) as p:
+                res["lossless"] = photo.lossless_sizes(tiny, common.FACES_DIR, c["steps"], c["crop_size"],
+                                                       out / "raw" / "lossless", p, c["limit"])
         section("photo", run_photo)
 
     if "identity" in only:
@@ -195,10 +217,6 @@ def main(argv=None) -> int:
             with bar("identity harness", n) as p:
                 res["identity"] = identity.harness(models, folder, c["steps"], c["mode"], c["crop_size"], c["limit"],
                                                    out / "raw" / "identity", p, log)
-            if args.checkpoint:
-                with bar("exactness: payload table on the checkpoint", 4 * 2) as p:
-                    res.setdefault("exactness", {})["nodes_checkpoint"] = exactness.node_calls_and_payload(
-                        models, c["steps"], ["exact", "plain"], [], p, crop_size=c["crop_size"])
         section("identity", run_identity)
 
     if "analytic" in only:

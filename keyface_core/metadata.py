@@ -127,6 +127,7 @@ class ReadInfo:
     has_keyface_chunk: bool
     lossy: bool
     warnings: list[str] = field(default_factory=list)
+    resized: bool = False
 
 
 class _Invalid(Exception):
@@ -724,11 +725,15 @@ def read_png(path: str | os.PathLike) -> tuple[np.ndarray, AnonymizationRecord |
         raise KeyFaceError(
             f"cannot read {source}: {err.strerror or err}; check its permissions"
         ) from None
+    return read_png_bytes(source, data)
 
+
+def read_png_bytes(source: Path, data: bytes, drop: tuple = ()) -> tuple[np.ndarray, AnonymizationRecord | None, ReadInfo]:
+    """`read_png` on bytes already read; chunks listed in `drop` (other KeyFace records) are hidden from Pillow."""
     chunks = _png_chunks(data) if data.startswith(_PNG_SIGNATURE) else []
     keyface = [c for c in chunks if c[0] in _TEXT_CHUNK_TYPES and _is_keyface_chunk(data, c)]
     # Pillow never sees the record chunk: it could exceed Pillow's text-chunk limits.
-    pixels, fmt, mode, notes = _decode_pixels(source, _without_chunks(data, keyface))
+    pixels, fmt, mode, notes = _decode_pixels(source, _without_chunks(data, sorted([*keyface, *drop], key=lambda c: c[1])))
 
     if len(keyface) > 1:
         raise MetadataError(

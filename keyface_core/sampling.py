@@ -162,12 +162,12 @@ def regenerate_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
     return x
 
 
-def invert_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, exact: bool, background: Optional[Background] = None,
-                 tol: float = 1e-6, max_iter: int = 30, progress: Optional[Progress] = None,
-                 stats: Optional[Stats] = None) -> torch.Tensor:
+def invert_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, implicit: bool,
+                 background: Optional[Background] = None, tol: float = 1e-6, max_iter: int = 30,
+                 progress: Optional[Progress] = None, stats: Optional[Stats] = None) -> torch.Tensor:
     """Latent at sigmas[-1] -> noise at sigmas[0] that `regenerate_euler` maps back.
 
-    plain: x_i = x_{i+1} + (s_i - s_{i+1}) d(x_{i+1}); exact: solve x_i = x_{i+1} - (s_{i+1} - s_i) d(x_i).
+    explicit (plain): x_i = x_{i+1} + (s_i - s_{i+1}) d(x_{i+1}); implicit: solve x_i = x_{i+1} - (s_{i+1} - s_i) d(x_i).
     """
     stats = stats if stats is not None else Stats()
     model = _Counter(denoise, stats)
@@ -177,7 +177,7 @@ def invert_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, exa
     last_d = torch.zeros_like(x)
     for step, i in enumerate(range(total - 1, -1, -1), start=1):
         h = sigmas[i + 1] - sigmas[i]
-        if not exact:
+        if not implicit:
             # DDIM inversion evaluates at the known point; at sigma 0 use the first nonzero sigma.
             eval_sigma = sigmas[i + 1] if float(sigmas[i + 1]) > 0 else sigmas[i]
             d = _direction(model, x, eval_sigma)
@@ -191,7 +191,7 @@ def invert_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, exa
             last_d = (target - x) / h
             stats.residuals.append(residual)
             stats.iterations.append(calls)
-        _report(progress, "invert", step, total, stats, residual=stats.residuals[-1] if exact else None)
+        _report(progress, "invert", step, total, stats, residual=stats.residuals[-1] if implicit else None)
     return x
 
 
@@ -293,34 +293,68 @@ def state_dtype(method: str) -> torch.dtype:
     return torch.float64 if method == "exact" else torch.float32
 
 
+def _invert_leapfrog(denoise, latent, sigmas, *, background, tol, max_iter, progress, stats):
+    noise, residual = invert_leapfrog(denoise, latent.x, latent.partner, sigmas, background=background,
+                                      progress=progress, stats=stats)
+    return NoiseState(noise, residual)
+
+
+def _regenerate_leapfrog(denoise, noise, sigmas, *, background, progress, stats):
+    out, partner = regenerate_leapfrog(denoise, noise.x, noise.residual, sigmas, background=background,
+                                       progress=progress, stats=stats)
+    return LatentState(out, partner)
+
+
+def _invert_single(implicit: bool):
+    def run(denoise, latent, sigmas, *, background, tol, max_iter, progress, stats):
+        return NoiseState(invert_euler(denoise, latent.x, sigmas, implicit=implicit, background=background, tol=tol,
+                                       max_iter=max_iter, progress=progress, stats=stats))
+    return run
+
+
+def _regenerate_single(denoise, noise, sigmas, *, background, progress, stats):
+    return LatentState(regenerate_euler(denoise, noise.x, sigmas, background=background, progress=progress, stats=stats))
+
+
+@dataclass(frozen=True)
+class Method:
+    """One inversion method: how to invert a latent and how to retrace its noise (exact inverses of each other)."""
+
+    invert: Callable
+    regenerate: Callable
+
+
+METHOD_TABLE = {
+    "exact": Method(_invert_leapfrog, _regenerate_leapfrog),
+    "exact_single": Method(_invert_single(True), _regenerate_single),
+    "plain": Method(_invert_single(False), _regenerate_single),
+}
+assert tuple(METHOD_TABLE) == METHODS
+
+
+def _method(method: str) -> Method:
+    if method not in METHOD_TABLE:
+        raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHOD_TABLE[method]
+
+
 def invert(denoise: Denoise, latent: LatentState, sigmas: torch.Tensor, method: str, *,
            background: Optional[Background] = None, tol: float = 1e-6, max_iter: int = 30,
            progress: Optional[Progress] = None, stats: Optional[Stats] = None) -> NoiseState:
-    """Latent -> noise by `method` (see module doc)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    """Latent -> noise by `method` (see module doc); `progress` gets k-diffusion-style dicts for previews."""
+    run = _method(method).invert
     dtype = state_dtype(method)
-    x = latent.x.to(dtype)
-    if method == "exact":
-        partner = None if latent.partner is None else latent.partner.to(dtype)
-        noise, residual = invert_leapfrog(denoise, x, partner, sigmas.to(dtype), background=background,
-                                          progress=progress, stats=stats)
-        return NoiseState(noise, residual)
-    return NoiseState(invert_euler(denoise, x, sigmas.to(dtype), exact=method == "exact_single", background=background,
-                                   tol=tol, max_iter=max_iter, progress=progress, stats=stats))
+    partner = None if latent.partner is None else latent.partner.to(dtype)
+    return run(denoise, LatentState(latent.x.to(dtype), partner), sigmas.to(dtype), background=background, tol=tol,
+               max_iter=max_iter, progress=progress, stats=stats)
 
 
 def regenerate(denoise: Denoise, noise: NoiseState, sigmas: torch.Tensor, method: str, *,
                background: Optional[Background] = None, progress: Optional[Progress] = None,
                stats: Optional[Stats] = None) -> LatentState:
     """Noise -> latent by `method`; the exact inverse of `invert` with the same arguments."""
-    if method not in METHODS:
-        raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    run = _method(method).regenerate
     dtype = state_dtype(method)
-    x = noise.x.to(dtype)
-    if method == "exact":
-        residual = None if noise.residual is None else noise.residual.to(dtype)
-        out, partner = regenerate_leapfrog(denoise, x, residual, sigmas.to(dtype), background=background,
-                                           progress=progress, stats=stats)
-        return LatentState(out, partner)
-    return LatentState(regenerate_euler(denoise, x, sigmas.to(dtype), background=background, progress=progress, stats=stats))
+    residual = None if noise.residual is None else noise.residual.to(dtype)
+    return run(denoise, NoiseState(noise.x.to(dtype), residual), sigmas.to(dtype), background=background,
+               progress=progress, stats=stats)

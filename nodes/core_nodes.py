@@ -1,32 +1,38 @@
-"""The four KeyFace latent nodes and the key loader: thin adapters over keyface_core."""
+"""The KeyFace latent nodes: thin adapters from ComfyUI types to keyface_core.protocol (format v2)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 import comfy.samplers
 import comfy.utils
 import latent_preview
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
+from ..keyface_core import protocol, protocol_v1
 from ..keyface_core import sampling as core
-from ..keyface_core.errors import InputMismatchError, KeyMaterialError, WrongKeyError
-from ..keyface_core.flip import apply_flip, flip_context, seal, sign_pattern, unseal
-from ..keyface_core.keys import check_matches, key_check_value, new_nonce
+from ..keyface_core.errors import InputMismatchError, KeyMaterialError
 from ..keyface_core.masks import latent_mask
+from ..keyface_core.scramble import SCRAMBLES
 from . import model_adapter as adapter
 from .conditioning import conditioning_id as _conditioning_id, conditioning_matches as _conditioning_matches
-from .key_nodes import KeyFaceKey
-from .latent_info import (INFO_KEY, KeyFaceInfo, Settings, background_for, check_batch, check_not_empty, info_of,
-                          make_latent)
+from .key_nodes import CATEGORY, KeyFaceKey
+from .latent_info import (INFO_KEY, AnonymizedInfo, InversionSettings, NoiseInfo, RenderSettings, RestoredInfo, V1Info,
+                          check_batch, info_of, make_latent)
 
-CATEGORY = "KeyFace"
+DEFAULT_STEPS = 20
+DEFAULT_SCHEDULER = "normal"
+DEFAULT_SAMPLER = "dpmpp_2m"
+MODE_TOOLTIP = ("How the face is inverted to noise (Restore retraces it). exact: two-state BDIA leapfrog in float64, "
+                "one model call per step, restores bit for bit. exact_single: implicit Euler (Anderson-accelerated), "
+                "several calls per step, restores to the solver tolerance. plain: classic DDIM inversion, approximate.")
 
-MODE_TOOLTIP = ("exact: two-state BDIA leapfrog in float64, one model call per step, restores to float rounding "
-                "(the noise carries a second state; Regenerate and Restore use it). "
-                "exact_single: single-state implicit inversion (Anderson-accelerated), noise any Euler/DDIM sampler "
-                "regenerates, several model calls per step. plain: classic DDIM inversion, one call per step, approximate.")
 
+# ----------------------------------------------------------------------------------------------
+# Shared plumbing
+# ----------------------------------------------------------------------------------------------
 
 def _conds(model, positive, negative, cfg):
     if positive is None:
@@ -63,180 +69,231 @@ def _run(model, positive, negative, cfg, samples, sigmas, ticks, body, stats: co
                             lambda denoise: body(denoise, progress))
 
 
-def _check_model(model, settings: Settings, what: str):
-    model_id = adapter.model_identity(model)
-    if model_id != settings.model_id:
+def check_model(model, model_id: str, what: str, legacy: bool = False):
+    current = adapter.legacy_model_identity(model) if legacy and hasattr(adapter, "legacy_model_identity") \
+        else adapter.model_identity(model)
+    if current != model_id:
         raise InputMismatchError(f"the {what} was made with a different model (or LoRA/patches) than the one connected; "
                                  "use exactly the same checkpoint and patches as the anonymizing run.")
 
 
-def invert_latent(model, latent: dict, steps: int, scheduler: str, mode: str, cfg: float, positive=None, negative=None,
-                  mask=None, nonces=None, face_indices=None, lmask=None, sigmas=None) -> tuple[dict, core.Stats]:
-    """The Invert to Noise operation, shared with the face pipeline.
+def check_conditioning(stored: str, model, positive, negative, cfg: float):
+    if not _conditioning_matches(stored, *_conds(model, positive, negative, cfg)):
+        raise InputMismatchError("the conditioning differs from the one used when anonymizing; connect the same "
+                                 "positive/negative conditioning (same prompt, same CLIP) as the anonymizing run.")
 
-    `sigmas` (Restore) replays a stored schedule, so a restore never depends on how this ComfyUI version
-    computes the scheduler."""
+
+# ----------------------------------------------------------------------------------------------
+# The operations (also called by the face pipeline, tests and benchmarks)
+# ----------------------------------------------------------------------------------------------
+
+def invert_latent(model, latent: dict, steps: int, scheduler: str, mode: str, cfg: float, positive=None, negative=None,
+                  mask=None) -> tuple[dict, core.Stats]:
+    """Invert to Noise: image LATENT -> noise LATENT carrying a NoiseInfo (not yet keyed)."""
     samples = latent["samples"]
     if samples.ndim != 4:
         raise InputMismatchError(f"KeyFace works on image latents [batch, channels, height, width]; got shape {tuple(samples.shape)}.")
+    if mode not in core.METHODS:
+        raise InputMismatchError(f"unknown mode {mode!r}; choose one of {', '.join(core.METHODS)}")
     positive, negative = _conds(model, positive, negative, cfg)
     batch = samples.shape[0]
-    sigmas = adapter.sigmas_for(model, scheduler, steps) if sigmas is None else sigmas
-    settings = Settings(steps, scheduler, mode, float(cfg), adapter.model_identity(model), sigmas)
-    dtype = core.state_dtype(mode)
-    info = info_of(latent)
-    if info is not None and info.kind == "latent" and info.settings.method == mode:
-        clean = core.LatentState(info.state.to(dtype), info.second)
-    else:
-        clean = core.LatentState(adapter.to_model_space(model, samples, dtype))
+    sigmas = adapter.sigmas_for(model, scheduler, steps)
+    settings = InversionSettings(int(steps), scheduler, mode, float(cfg), adapter.model_identity(model),
+                                 _conditioning_id(positive, negative), sigmas)
+    clean = adapter.to_model_space(model, samples, torch.float64)
     if mask is None and "noise_mask" in latent:
         mask = latent["noise_mask"].reshape(-1, *latent["noise_mask"].shape[-2:])
-    if lmask is None:
-        lmask = _mask_for(mask, samples)
-    check_not_empty(lmask, "mask")
-    nonces = tuple(nonces) if nonces is not None else tuple(new_nonce() for _ in range(batch))
-    background = background_for(lmask, clean.x, nonces, adapter.add_noise_for(model), dtype)
+    lmask = _mask_for(mask, samples)
+    faces = protocol.FaceBatch(protocol.new_nonces(batch), tuple(range(batch)), lmask,
+                               protocol.public_background(clean, lmask))
+    protocol.check_mask_not_empty(lmask)
     stats = core.Stats()
+    add_noise = adapter.add_noise_for(model)
 
     def body(denoise, progress):
-        return core.invert(denoise, clean, sigmas, mode, background=background, progress=progress, stats=stats)
+        return protocol.invert(denoise, clean, sigmas, faces, method=mode, add_noise=add_noise, progress=progress,
+                               stats=stats)
     noise = _run(model, positive, negative, cfg, samples, sigmas, steps, body, stats)
     out_samples = adapter.to_latent_space(model, noise.x)
-    out = KeyFaceInfo("noise", settings, noise.x, noise.residual,
-                      out_samples, nonces, tuple(face_indices if face_indices is not None else range(batch)),
-                      mask=lmask, background=None if lmask is None else clean.x, latent_format=model.model.latent_format,
-                      extra={"cond_id": _conditioning_id(positive, negative)})
-    return make_latent(latent, out_samples, out), stats
+    info = NoiseInfo(settings, faces, noise, None, clean, out_samples, model.model.latent_format)
+    return make_latent(latent, out_samples, info), stats
 
 
-def flip_latent(latent: dict, key, mask=None) -> dict:
-    """The Apply Key Flip operation: an exact involution on the noise LATENT.
-
-    The noise's signs are flipped. The exact method's second state (residual) is not flipped but sealed
-    by the key and replaced by zero, so the new face starts consistent (a flipped residual starts the
-    leapfrog's parasitic oscillation: an off-distribution face); flipping again unseals it. Images saved
-    before sealing ("legacy_residual") keep the old rule: the residual is flipped too."""
+def with_face_indices(latent: dict, face_indices) -> dict:
+    """The same noise LATENT, its batch items labelled as faces `face_indices` of the photo (Crop Faces order)."""
     info = info_of(latent)
-    if info is None or info.kind != "noise":
+    faces = info.faces
+    new = protocol.FaceBatch(faces.nonces, tuple(int(i) for i in face_indices), faces.mask, faces.background)
+    from dataclasses import replace
+    return make_latent(latent, latent["samples"], replace(info, faces=new))
+
+
+def flip_latent(latent: dict, key, mask=None, scramble: str = protocol.DEFAULT_SCRAMBLE) -> dict:
+    """Apply Key Flip: lock an unkeyed noise with the key, or unlock a keyed one (the node is an involution)."""
+    info = info_of(latent)
+    if not isinstance(info, NoiseInfo):
         raise InputMismatchError("Apply Key Flip needs the noise LATENT from Invert to Noise (it carries the per-image "
                                  "nonce the key is bound to); connect that output, unchanged.")
     if key is None or not hasattr(key, "image_key"):
         raise KeyMaterialError("connect a KEYFACE_KEY from the Load Key node.")
-    shape = tuple(info.state.shape[1:])
-    flip_mask = _mask_for(mask, info.samples) if mask is not None else info.mask
-    check_not_empty(flip_mask, "flip mask")
-    kdf = info.kdf if info.kdf is not None else key.kdf
-    image_keys = [key.image_key(nonce, kdf) for nonce in info.nonces]
-    patterns = [sign_pattern(k, shape, flip_context(shape, face)) for k, face in zip(image_keys, info.face_indices)]
-    masks = [None if flip_mask is None else flip_mask[item] for item in range(len(patterns))]
-
-    def flip_each(batch: torch.Tensor) -> torch.Tensor:
-        return torch.stack([apply_flip(x, signs, m) for x, signs, m in zip(batch, patterns, masks)])
-    state = flip_each(info.state)
-    second, sealed = _flip_second(info, image_keys, shape, flip_each)
-    checks = [key_check_value(k) for k in image_keys]
-    if info.settings.method == "exact" or info.latent_format is None:
-        samples = state.to(torch.float32) if info.latent_format is None else info.latent_format.process_out(state).to(torch.float32)
-    elif float(getattr(info.latent_format, "shift_factor", 0.0) or 0.0) == 0.0:
-        # Purely scaled formats: flipping the samples themselves keeps the involution bit-exact.
-        samples = flip_each(info.samples)
-        state = info.latent_format.process_in(samples)
+    faces = info.faces
+    if mask is not None:
+        lmask = _mask_for(mask, info.samples)
+        faces = protocol.FaceBatch(faces.nonces, faces.face_indices, lmask,
+                                   protocol.public_background(info.clean, lmask) if info.clean is not None else None)
+    from dataclasses import replace
+    if info.lock is None:
+        if info.clean is None:
+            raise InputMismatchError("this noise was unlocked from a keyed one; key-flip Invert to Noise's output "
+                                     "instead (the keyed digest needs the original latent).")
+        keyed = protocol.lock(info.state, info.clean, faces, key, method_scramble=scramble)
+        state = core.NoiseState(keyed.x, None)
+        new = replace(info, faces=faces, state=state, lock=keyed.lock)
     else:
-        samples = info.latent_format.process_out(state).to(torch.float32)
-    new = info.with_(state=state, second=second, key_checks=tuple(checks), kdf=kdf, flipped=not info.flipped,
-                     mask=info.mask if info.mask is not None else flip_mask, sealed=sealed)
+        state = protocol.unlock(info.keyed, key, allow_wrong_key=True)
+        new = replace(info, state=state, lock=None)
+    samples = _samples_of(info, state.x)
     return make_latent(latent, samples, new)
 
 
-def _flip_second(info: KeyFaceInfo, image_keys: list, shape: tuple, flip_each):
-    """(second state, sealed) after a flip: seal the residual on the way out, unseal it on the way back."""
-    if info.second is None:
-        return None, None
-    if info.extra.get("legacy_residual"):
-        return flip_each(info.second), None
-    contexts = [flip_context(shape, face, "residual-seal") for face in info.face_indices]
-    if info.sealed is None:
-        sealed = tuple(seal(k, c, r) for k, c, r in zip(image_keys, contexts, info.second))
-        return torch.zeros_like(info.second), sealed
-    # A key that fails the stored check gets no residual back: a consistent start, i.e. a clean other face.
-    checks = info.key_checks or (None,) * len(image_keys)
-    second = torch.stack([
-        unseal(k, c, s, shape).to(info.second.dtype) if stored is not None and check_matches(k, stored)
-        else torch.zeros(shape, dtype=info.second.dtype)
-        for k, c, s, stored in zip(image_keys, contexts, info.sealed, checks)])
-    return second.to(info.second.device), None
+def _samples_of(info, x: torch.Tensor) -> torch.Tensor:
+    fmt = info.latent_format
+    return x.to(torch.float32) if fmt is None else fmt.process_out(x).to(torch.float32)
 
 
-def regenerate_latent(model, latent: dict, positive=None, negative=None) -> tuple[dict, core.Stats]:
-    """The Regenerate operation: noise LATENT -> clean LATENT, exactly matching its inversion."""
+def _max_denoise(model, sigma0: float) -> bool:
+    """KSAMPLER's rule: the first noise is scaled by sqrt(1 + sigma^2) when the schedule starts at sigma_max."""
+    sigma_max = float(model.get_model_object("model_sampling").sigma_max)
+    return math.isclose(sigma_max, sigma0, rel_tol=1e-05) or sigma0 > sigma_max
+
+
+def regenerate_latent(model, latent: dict, positive=None, negative=None, sampler=None, scheduler: str = DEFAULT_SCHEDULER,
+                      steps: int = DEFAULT_STEPS, cfg: float = 1.0, seed: int = 0,
+                      sampler_name: str = "") -> tuple[dict, core.Stats]:
+    """Regenerate: draw the new face from the keyed noise with a stock ComfyUI sampler (inpaint semantics).
+
+    Equals SamplerCustomAdvanced given the same model, conditioning, sigmas, noise (`protocol.sampler_start_noise`)
+    and latent with noise_mask, bit for bit. Restore never re-runs it."""
     info = info_of(latent)
-    if info is None or info.kind != "noise":
+    if not isinstance(info, NoiseInfo):
         raise InputMismatchError("Regenerate needs a noise LATENT from Invert to Noise or Apply Key Flip, unchanged. "
-                                 "For other noise, use KSamplerAdvanced with add_noise disabled.")
-    settings = info.settings
-    _check_model(model, settings, "noise")
-    positive, negative = _conds(model, positive, negative, settings.cfg)
-    if not _conditioning_matches(info.extra.get("cond_id"), positive, negative):
-        raise InputMismatchError("the conditioning differs from the one used by Invert to Noise; connect the same "
-                                 "positive/negative conditioning (same prompt, same CLIP).")
-    dtype = core.state_dtype(settings.method)
-    if settings.method == "exact":
-        noise = core.NoiseState(info.state.to(dtype), info.second)
-    else:
-        # Single-state: start from the samples exactly as KSamplerAdvanced would.
-        noise = core.NoiseState(adapter.to_model_space(model, latent["samples"], dtype))
-    background = background_for(info.mask, info.background, info.nonces, adapter.add_noise_for(model), dtype) \
-        if info.mask is not None else None
+                                 "For other noise, use KSamplerAdvanced or SamplerCustomAdvanced.")
+    positive, negative = _conds(model, positive, negative, cfg)
+    sigmas = adapter.sigmas_for(model, scheduler, steps)
+    sigma0 = float(info.settings.sigmas[0])
+    if not math.isclose(float(sigmas[0]), sigma0, rel_tol=1e-4):
+        raise InputMismatchError(f"the '{scheduler}' schedule starts at sigma {float(sigmas[0]):.4g} but the noise is at "
+                                 f"sigma {sigma0:.4g}; pick a scheduler that starts at the model's maximum noise "
+                                 "(normal, karras, exponential, simple, sgm_uniform, beta) or the same model.")
+    sampler = sampler if sampler is not None else comfy.samplers.sampler_object(DEFAULT_SAMPLER)
+    flow = adapter.add_noise_for(model) is core.flow_add_noise
+    noise, background = protocol.sampler_start_noise(info.state.x, info.faces, sigma0, flow=flow,
+                                                     max_denoise=_max_denoise(model, float(sigmas[0])))
+    fmt = model.model.latent_format
+    # ComfyUI applies process_latent_in to latent_image itself; the noise is used as given.
+    latent_image = fmt.process_out(background).to(torch.float32) if background is not None \
+        else torch.zeros(noise.shape, dtype=torch.float32)
+    denoise_mask = None if info.faces.mask is None else (info.faces.mask >= 0.5).to(torch.float32)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
     stats = core.Stats()
-
-    def body(denoise, progress):
-        return core.regenerate(denoise, noise, settings.sigmas, settings.method, background=background, progress=progress, stats=stats)
-    clean = _run(model, positive, negative, settings.cfg, latent["samples"], settings.sigmas, settings.steps, body, stats)
-    samples = adapter.to_latent_space(model, clean.x)
-    out = info.with_(kind="latent", state=clean.x, second=clean.partner, samples=samples)
+    counted = _counting(guider, stats)
+    with torch.no_grad():
+        samples = counted.sample(noise.to(torch.float32), latent_image, sampler, sigmas, denoise_mask=denoise_mask,
+                                 callback=callback, disable_pbar=True, seed=seed)
+    samples = samples.to(torch.float32).cpu()
+    render = RenderSettings(sampler_name or _sampler_name(sampler), scheduler, int(steps), float(cfg), int(seed))
+    keyed = info.keyed if info.lock is not None else None
+    out = AnonymizedInfo(info.settings, keyed, render, samples, info.latent_format, info.clean) if keyed is not None \
+        else AnonymizedInfo(info.settings, protocol.KeyedNoise(info.state.x, info.faces, None), render, samples,
+                            info.latent_format, info.clean)
     return make_latent(latent, samples, out), stats
 
 
-def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=None, allow_wrong_key=False) -> tuple[dict, dict]:
-    """Invert the anonymized latent, undo the key flip, regenerate: the original latent (exact method: bit-close)."""
+def _sampler_name(sampler) -> str:
+    function = getattr(sampler, "sampler_function", None)
+    name = getattr(function, "__name__", type(sampler).__name__)
+    return name.removeprefix("sample_")
+
+
+def _counting(guider, stats: core.Stats):
+    """The guider with its model evaluations counted (for benchmarks), computing exactly what it would."""
+    predict = guider.predict_noise
+
+    def counted(*args, **kwargs):
+        stats.model_calls += 1
+        return predict(*args, **kwargs)
+    guider.predict_noise = counted   # this guider instance only; it is built per Regenerate call
+    return guider
+
+
+def restore_latent(model, latent: dict, key, positive=None, negative=None, mask=None,
+                   allow_wrong_key=False) -> tuple[dict, dict]:
+    """Restore: unscramble + unseal the stored keyed noise and retrace the inversion: the original latent.
+
+    `steps` model calls; never inverts the anonymized latent. Format-v1 files take the old path."""
     info = info_of(latent)
-    if info is None or info.kind != "latent":
+    if isinstance(info, RestoredInfo):
+        raise InputMismatchError("this latent was already restored: restoring it again would anonymize the face "
+                                 "again. Connect Load Anonymized's (or Regenerate's) latent to Restore.")
+    if isinstance(info, V1Info):
+        return _restore_v1(model, info, key, positive, negative, allow_wrong_key)
+    if not isinstance(info, AnonymizedInfo):
         raise InputMismatchError("Restore needs the anonymized LATENT with its KeyFace info: the output of Regenerate, "
                                  "or of Load Anonymized for a saved image.")
-    if info.key_checks is not None and key is not None and not allow_wrong_key:
-        kdf = info.kdf if info.kdf is not None else key.kdf
-        for nonce, stored in zip(info.nonces, info.key_checks):
-            if not check_matches(key.image_key(nonce, kdf), stored):
-                raise WrongKeyError(f"this key ({key.source}) does not match the key that anonymized this image; "
-                                    "pick the right key, or enable allow_wrong_key to see what a wrong key gives.")
-    settings = info.settings
-    _check_model(model, settings, "anonymized latent")
-    if not _conditioning_matches(info.extra.get("cond_id"), *_conds(model, positive, negative, settings.cfg)):
-        raise InputMismatchError("the conditioning differs from the one used when anonymizing; connect the same "
-                                 "positive/negative conditioning (same prompt, same CLIP) as the anonymizing run.")
-    noise_latent, inv_stats = invert_latent(
-        model, latent, settings.steps, settings.scheduler, settings.method, settings.cfg, positive, negative,
-        nonces=info.nonces, face_indices=info.face_indices, lmask=info.mask, sigmas=settings.sigmas)
-    # The stored KDF parameters (passphrase keys) must be reused, not the key's defaults.
-    # The sealed residual, the stored key checks (they guard unsealing) and the residual rule come along too.
-    noise_info = noise_latent[INFO_KEY]
-    noise_info = noise_info.with_(kdf=info.kdf, sealed=info.sealed, key_checks=info.key_checks,
-                                  extra={**noise_info.extra, "legacy_residual": bool(info.extra.get("legacy_residual"))})
-    noise_latent = make_latent(noise_latent, noise_latent["samples"], noise_info)
-    unflipped = flip_latent(noise_latent, key, mask)
-    restored, regen_stats = regenerate_latent(model, unflipped, positive, negative)
-    stats = {"invert_calls": inv_stats.model_calls, "regenerate_calls": regen_stats.model_calls}
-    return restored, stats
+    if info.keyed.lock is None:
+        raise InputMismatchError("this latent was never key-flipped, so there is nothing to restore; run Apply Key "
+                                 "Flip before Regenerate.")
+    if key is None or not hasattr(key, "image_key"):
+        raise KeyMaterialError("connect a KEYFACE_KEY from the Load Key node.")
+    s = info.settings
+    check_model(model, s.model_id, "anonymized latent")
+    check_conditioning(s.cond_id, model, positive, negative, s.cfg)
+    positive, negative = _conds(model, positive, negative, s.cfg)
+    keyed = info.keyed
+    noise = protocol.unlock(keyed, key, allow_wrong_key=allow_wrong_key)
+    stats = core.Stats()
+    add_noise = adapter.add_noise_for(model)
+
+    def body(denoise, progress):
+        return protocol.retrace(denoise, noise, s.sigmas, keyed.faces, method=s.method, add_noise=add_noise,
+                                progress=progress, stats=stats)
+    restored = _run(model, positive, negative, s.cfg, info.samples, s.sigmas, s.steps, body, stats)
+    verification = protocol.verify(restored, keyed, key)
+    samples = adapter.to_latent_space(model, restored)
+    out = RestoredInfo(s, keyed.faces, verification, samples, info.samples, info.sealed_pixels, keyed.lock.kdf,
+                       keyed.lock.key_checks)
+    return make_latent(latent, samples, out), {"model_calls": stats.model_calls, "verification": verification}
+
+
+def _restore_v1(model, info: V1Info, key, positive, negative, allow_wrong_key) -> tuple[dict, dict]:
+    s = info.settings
+    check_model(model, s.model_id, "anonymized latent", legacy=True)
+    check_conditioning(s.cond_id, model, positive, negative, s.cfg)
+    positive, negative = _conds(model, positive, negative, s.cfg)
+    stats = core.Stats()
+    add_noise = adapter.add_noise_for(model)
+
+    def body(denoise, progress):
+        return protocol_v1.restore(denoise, info.anon, s.sigmas, key, add_noise=add_noise,
+                                   allow_wrong_key=allow_wrong_key, progress=progress, stats=stats)
+    restored = _run(model, positive, negative, s.cfg, info.samples, s.sigmas, 2 * s.steps, body, stats)
+    samples = adapter.to_latent_space(model, restored)
+    verification = protocol.Verification(None, None, None)
+    out = RestoredInfo(s, info.anon.faces, verification, samples, info.samples, None, info.anon.kdf)
+    return make_latent({}, samples, out), {"model_calls": stats.model_calls, "verification": verification}
 
 
 # ----------------------------------------------------------------------------------------------
 # Node classes (V3 schema)
 # ----------------------------------------------------------------------------------------------
 
-def _common_inputs():
+def _conditioning_inputs(what: str):
     return [
-        io.Conditioning.Input("positive", optional=True, tooltip="Conditioning the model sees while inverting. "
-                              "Regenerate/Restore must get the same. Leave empty for an empty prompt (UNet models)."),
+        io.Conditioning.Input("positive", optional=True, tooltip=f"Conditioning the model sees {what}. Leave empty for "
+                                                                  "an empty prompt (UNet models)."),
         io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning; only used when cfg is not 1."),
     ]
 
@@ -246,29 +303,28 @@ class InvertToNoise(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceInvertToNoise", display_name="Invert to Noise", category=CATEGORY,
-            description="Runs the diffusion ODE backwards: image latent -> the noise the model would turn into it. "
-                        "The output is an ordinary LATENT; it also carries what Regenerate needs to match it exactly.",
+            description="Runs the diffusion ODE backwards: image latent -> the noise the model would turn into it, "
+                        "exactly (Restore retraces it). The output is an ordinary LATENT plus what Apply Key Flip and "
+                        "Restore need.",
             inputs=[
-                io.Model.Input("model", tooltip="Your checkpoint's MODEL (with any LoRA/patches); Regenerate and "
-                                                "Restore must get exactly the same."),
+                io.Model.Input("model", tooltip="Your checkpoint's MODEL (with any LoRA/patches); Restore must get "
+                                                "exactly the same."),
                 io.Latent.Input("latent", tooltip="Image latent (VAE Encode). A noise_mask on it restricts the change to the mask."),
-                io.Int.Input("steps", default=30, min=1, max=1000,
-                             tooltip="Regenerate/Restore reuse them (stored). The exact mode's two-state sampler needs "
-                                     "more steps than Euler to stay on the image manifold: 30 with karras is the "
-                                     "measured default (benchmarks/README.md, analytic section); fewer give artifacts."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
-                               tooltip="ComfyUI scheduler for the noise levels; the schedule is stored, so Regenerate "
-                                       "and Restore replay it exactly. karras suits eps/v models (SD1.5/SDXL); SD3/Flux "
-                                       "users usually pick simple or beta."),
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000,
+                             tooltip="Inversion steps; Restore replays them (stored), costing this many model calls."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=DEFAULT_SCHEDULER,
+                               tooltip="Noise levels of the inversion; the schedule is stored, so Restore replays it "
+                                       "exactly even after a ComfyUI update."),
                 io.Combo.Input("mode", options=list(core.METHODS), default="exact", tooltip=MODE_TOOLTIP),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance while inverting; 1.0 is most exact. Regenerate reuses it."),
-                *_common_inputs(),
-                io.Mask.Input("mask", optional=True, tooltip="Face mask: only this region is inverted and later regenerated; "
+                               tooltip="Guidance while inverting; 1.0 inverts most faithfully. Restore reuses it. "
+                                       "Regenerate may draw the new face at another cfg."),
+                *_conditioning_inputs("while inverting (Restore must get the same)"),
+                io.Mask.Input("mask", optional=True, tooltip="Face mask: only this region is inverted and later redrawn; "
                                                             "outside it the latent is held to a public background trajectory."),
             ],
             outputs=[io.Latent.Output(display_name="noise", tooltip="The inverted noise (an ordinary LATENT) plus "
-                                                                    "what Regenerate needs to match it exactly.")],
+                                                                    "what Apply Key Flip needs.")],
         )
 
     @classmethod
@@ -282,22 +338,26 @@ class ApplyKeyFlip(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceApplyKeyFlip", display_name="Apply Key Flip", category=CATEGORY,
-            description="Flips the sign of each noise element inside the mask, by a pattern only the key (and this "
-                        "image's nonce) determines. Applying it twice is exactly the identity: the same node undoes it.",
+            description="Scrambles the noise inside the mask by a pattern only the key (and this image's nonce) "
+                        "determines. Applying it twice is exactly the identity: the same node undoes it.",
             inputs=[
                 io.Latent.Input("noise", tooltip="Noise from Invert to Noise."),
-                KeyFaceKey.Input("key", tooltip="From Load Key. The flip pattern also depends on this image's random "
+                KeyFaceKey.Input("key", tooltip="From Load Key. The pattern also depends on this image's random "
                                                 "nonce, so no two images share one."),
-                io.Mask.Input("mask", optional=True, tooltip="Where to flip; default: the mask given to Invert to Noise, "
-                                                            "or everywhere. Values >= 0.5 count as inside."),
+                io.Combo.Input("scramble", options=list(SCRAMBLES), default=protocol.DEFAULT_SCRAMBLE, optional=True,
+                               tooltip="pairswap (default): swaps keyed pairs of noise values with keyed signs, so "
+                                       "neither the signs nor where each magnitude sits can be read without the key. "
+                                       "signflip: the paper's keyed ±1 sign flip (magnitudes stay in place)."),
+                io.Mask.Input("mask", optional=True, tooltip="Where to scramble; default: the mask given to Invert to "
+                                                            "Noise, or everywhere. Values >= 0.5 count as inside."),
             ],
             outputs=[io.Latent.Output(display_name="noise", tooltip="The key-scrambled noise; feed it to Regenerate. "
                                                                     "Flipping it again with the same key undoes it.")],
         )
 
     @classmethod
-    def execute(cls, noise, key, mask=None) -> io.NodeOutput:
-        return io.NodeOutput(flip_latent(noise, key, mask))
+    def execute(cls, noise, key, scramble=protocol.DEFAULT_SCRAMBLE, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(flip_latent(noise, key, mask, scramble or protocol.DEFAULT_SCRAMBLE))
 
 
 class Regenerate(io.ComfyNode):
@@ -305,18 +365,30 @@ class Regenerate(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceRegenerate", display_name="Regenerate", category=CATEGORY,
-            description="Runs the deterministic sampler from the noise back to an image latent, with the settings "
-                        "Invert to Noise recorded (steps, scheduler, mode, cfg, mask).",
-            inputs=[io.Model.Input("model", tooltip="The same MODEL as Invert to Noise (checked)."),
-                    io.Latent.Input("noise", tooltip="Apply Key Flip's output (or Invert to Noise's), unchanged."),
-                    *_common_inputs()],
+            description="Draws the new face from the key-scrambled noise with any ComfyUI sampler (KSamplerSelect or "
+                        "a custom SAMPLER), keeping everything outside the mask. Restore does not depend on it: pick "
+                        "the sampler, steps, cfg and prompt that look best.",
+            inputs=[io.Model.Input("model", tooltip="The same MODEL as Invert to Noise (the noise is at its sigmas)."),
+                    io.Latent.Input("noise", tooltip="Apply Key Flip's output, unchanged."),
+                    io.Sampler.Input("sampler", optional=True,
+                                     tooltip="Any SAMPLER (KSamplerSelect, custom samplers); default dpmpp_2m."),
+                    io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=DEFAULT_SCHEDULER,
+                                   tooltip="Noise levels for drawing the face; must start at the model's maximum noise."),
+                    io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Sampling steps for the new face."),
+                    io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                                   tooltip="Guidance for the new face (e.g. 5-7 with a face prompt on SD1.5); needs a "
+                                           "negative conditioning when not 1."),
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                                 tooltip="Only ancestral/SDE samplers use it (their added noise)."),
+                    *_conditioning_inputs("while drawing the new face (may differ from the inversion's)")],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The anonymized image latent: VAE Decode it, "
-                                                                     "and give it to Save Anonymized as the payload.")],
+                                                                     "and give it to Save Anonymized.")],
         )
 
     @classmethod
-    def execute(cls, model, noise, positive=None, negative=None) -> io.NodeOutput:
-        out, _ = regenerate_latent(model, noise, positive, negative)
+    def execute(cls, model, noise, sampler=None, scheduler=DEFAULT_SCHEDULER, steps=DEFAULT_STEPS, cfg=1.0, seed=0,
+                positive=None, negative=None) -> io.NodeOutput:
+        out, _ = regenerate_latent(model, noise, positive, negative, sampler, scheduler, steps, cfg, seed)
         return io.NodeOutput(out)
 
 
@@ -325,27 +397,32 @@ class Restore(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceRestore", display_name="Restore", category=CATEGORY,
-            description="Undoes an anonymization with the key: invert -> flip -> regenerate, using the settings stored "
-                        "with the anonymized latent. With the right key and the same model it returns the original latent.",
+            description="Undoes an anonymization with the key: unscrambles the stored noise and retraces the inversion "
+                        "(as many model calls as its steps), then checks the result against the keyed digest.",
             inputs=[
                 io.Model.Input("model", tooltip="The same checkpoint (and patches) as the anonymizing run."),
-                io.Latent.Input("latent", tooltip="Anonymized latent: Regenerate's output or Load Anonymized's."),
+                io.Latent.Input("latent", tooltip="Anonymized latent: Load Anonymized's output (or Regenerate's)."),
                 KeyFaceKey.Input("key", tooltip="The key that anonymized the image; a different key is refused "
                                                 "(its check value does not match) unless allow_wrong_key is on."),
-                *_common_inputs(),
-                io.Mask.Input("mask", optional=True, tooltip="Override the stored mask (normally leave empty)."),
+                *_conditioning_inputs("while inverting (the same as the anonymizing run's Invert to Noise)"),
                 io.Boolean.Input("allow_wrong_key", default=False, optional=True,
                                  tooltip="Run even when the key's check value does not match: shows the different "
                                          "person a wrong key produces."),
             ],
-            outputs=[io.Latent.Output(display_name="restored", tooltip="The original face latent: VAE Decode it, "
-                                                                       "then Paste Faces into the loaded image.")],
+            outputs=[io.Latent.Output(display_name="restored", tooltip="The original face latent: connect it to "
+                                                                       "Restore Photo (or VAE Decode + Paste Faces)."),
+                     io.String.Output(display_name="report", tooltip="Whether the result is verified exact, or how "
+                                                                     "much it differs from the original.")],
         )
 
     @classmethod
-    def execute(cls, model, latent, key, positive=None, negative=None, mask=None, allow_wrong_key=False) -> io.NodeOutput:
-        out, _ = restore_latent(model, latent, key, positive, negative, mask, allow_wrong_key)
-        return io.NodeOutput(out)
+    def execute(cls, model, latent, key, positive=None, negative=None, allow_wrong_key=False) -> io.NodeOutput:
+        out, stats = restore_latent(model, latent, key, positive, negative, None, allow_wrong_key)
+        report = f"{stats['verification'].message()} ({stats['model_calls']} model calls)"
+        method = getattr(getattr(info_of(latent), "settings", None), "method", "exact")
+        if method != "exact" and not stats["verification"].exact:
+            report += f"; note: this file was inverted with the approximate mode '{method}', which alone explains a difference"
+        return io.NodeOutput(out, report, ui=ui.PreviewText(report))
 
 
 NODES = [InvertToNoise, ApplyKeyFlip, Regenerate, Restore]

@@ -16,12 +16,16 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..keyface_core import faces as face_core
-from ..keyface_core import sampling as core
 from ..keyface_core import masks as mask_core
 from ..keyface_core import metadata as meta
-from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError
-from .core_nodes import CATEGORY
-from .latent_info import INFO_KEY, KeyFaceInfo, Settings, info_of
+from ..keyface_core import anonymized as anonymized_file
+from ..keyface_core import photo, pngio, protocol
+from ..keyface_core import sampling as core
+from ..keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError, WrongKeyError
+from ..keyface_core.keys import check_matches
+from ..keyface_core.protocol_v1 import V1Anonymized
+from .key_nodes import CATEGORY, KeyFaceKey
+from .latent_info import INFO_KEY, AnonymizedInfo, InversionSettings, RestoredInfo, V1Info, info_of
 
 log = logging.getLogger("keyface")
 FacesType = io.Custom("KEYFACE_FACES")
@@ -68,11 +72,7 @@ def _rgb(image: torch.Tensor, what: str = "image") -> torch.Tensor:
     raise InputMismatchError(f"the {what} has {channels} channels; KeyFace takes RGB, RGBA or grayscale images.")
 
 
-def pixels_digest(pixels: np.ndarray) -> str:
-    """SHA-256 of 8-bit RGB pixels and their size: tells Load Anonymized whether the file was altered."""
-    digest = hashlib.sha256(f"{pixels.shape[1]}x{pixels.shape[0]}:".encode())
-    digest.update(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
-    return digest.hexdigest()
+pixels_digest = anonymized_file.pixels_digest
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -201,38 +201,37 @@ def _check_image(image: torch.Tensor, faces: FaceSet) -> None:
 # The KeyFace PNG
 # ----------------------------------------------------------------------------------------------
 
-def build_record(faces: FaceSet, info: KeyFaceInfo, store_payload: bool,
-                 pixels: np.ndarray | None = None) -> meta.AnonymizationRecord:
-    """Everything restore needs except the key; the payload is the exact anonymized state.
-
-    `pixels` (the 8-bit RGB image being saved) adds their digest, so a later load can tell an altered copy."""
-    if info.key_checks is None:
+def build_record(faces: FaceSet, info: AnonymizedInfo, pixels: np.ndarray,
+                 sealed_pixels=None) -> anonymized_file.AnonymizedFile:
+    """Everything Restore needs except the key: the keyed noise and its context, bound to the saved pixels."""
+    if info.keyed.lock is None:
         raise InputMismatchError("this latent was never key-flipped, so it is not anonymized; run Apply Key Flip "
                                  "before Regenerate.")
-    if info.state.shape[0] != len(faces.faces):
-        raise InputMismatchError(f"the latent holds {info.state.shape[0]} faces but {len(faces.faces)} were cropped; "
-                                 "connect the latent of the same crops.")
     fmt = info.latent_format
-    settings = {**info.settings.public(), "latent_shape": list(info.state.shape[1:]), "crop_size": faces.crop_size,
-                "latent_scale": float(getattr(fmt, "scale_factor", 1.0)),
-                "latent_shift": float(getattr(fmt, "shift_factor", 0.0) or 0.0),
-                "cond_id": info.extra.get("cond_id", "")}
-    if pixels is not None:
-        settings["pixels_sha256"] = pixels_digest(pixels)
-    records = []
-    for item, region in enumerate(faces.faces):
-        payload = {}
-        if info.sealed is not None:
-            # Always stored (it is sealed by the key): the exact method cannot restore without it.
-            payload["sealed_residual"] = np.asarray(info.sealed[item], dtype=np.uint8)
-        if store_payload:
-            payload["state"] = info.state[item].detach().cpu().to(torch.float64).numpy()
-            if info.second is not None:
-                payload["partner"] = info.second[item].detach().cpu().to(torch.float64).numpy()
-        mask_u8 = np.round(region.mask.cpu().numpy() * 255.0).astype(np.uint8)
-        records.append(meta.FaceRecord(region.index, info.nonces[item], info.key_checks[item], tuple(region.box),
-                                       mask_u8, payload))
-    return meta.AnonymizationRecord((faces.image_hw[1], faces.image_hw[0]), settings, records, kdf=info.kdf)
+    latent_format = anonymized_file.LatentFormat(int(info.samples.shape[1]), float(getattr(fmt, "scale_factor", 1.0)),
+                                                 float(getattr(fmt, "shift_factor", 0.0) or 0.0))
+    return anonymized_file.build(pixels, [r.box for r in faces.faces], [r.mask.cpu().numpy() for r in faces.faces],
+                                 faces.crop_size, info.keyed, info.settings, info.render, latent_format, info.samples,
+                                 sealed_pixels)
+
+
+def file_to_inputs(file: anonymized_file.AnonymizedFile, image: torch.Tensor) -> tuple[dict, FaceSet]:
+    """(anonymized LATENT with AnonymizedInfo, FaceSet) from a v2 file and its image."""
+    H, W = image.shape[1:3]
+    _check_size(file.image_size, W, H)
+    _check_schedule(file.inversion)
+    regions = tuple(FaceRegion(int(index), tuple(face.box), torch.from_numpy(face.crop_mask.astype(np.float32) / 255.0))
+                    for index, face in zip(file.keyed.faces.face_indices, file.faces))
+    faces = FaceSet((H, W), file.crop_size, regions)
+    info = AnonymizedInfo(file.inversion, file.keyed, file.render, file.anonymized, file.latent_format, None,
+                          file.sealed_pixels)
+    return {"samples": file.anonymized, INFO_KEY: info}, faces
+
+
+def _face_batch_v1(record, lmask: torch.Tensor, state: torch.Tensor) -> protocol.FaceBatch:
+    # v1 held the background at the anonymized state itself (its outside equals the original's).
+    return protocol.FaceBatch(tuple(f.nonce for f in record.faces), tuple(f.index for f in record.faces), lmask,
+                              protocol.public_background(state, lmask))
 
 
 class _LatentFormat:
@@ -248,29 +247,22 @@ class _LatentFormat:
         return latent / self.scale_factor + self.shift_factor
 
 
-def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=None):
-    """(anonymized LATENT with KeyFace info, FaceSet, exact?) from a record and its image."""
+def record_to_inputs_v1(record, image: torch.Tensor, vae=None):
+    """(anonymized LATENT with V1Info, FaceSet, exact?) from a format-v1 record and its image."""
     s = record.settings
     try:
         crop_size = int(s["crop_size"])
-        settings = Settings(int(s["steps"]), str(s["scheduler"]), str(s["method"]), float(s["cfg"]), str(s["model_id"]),
-                            torch.tensor([float(v) for v in s["sigmas"]], dtype=torch.float32))
+        settings = InversionSettings(int(s["steps"]), str(s["scheduler"]), str(s["method"]), float(s["cfg"]),
+                                     str(s["model_id"]), str(s.get("cond_id", "")),
+                                     torch.tensor([float(v) for v in s["sigmas"]], dtype=torch.float32))
         fmt = _LatentFormat(float(s["latent_scale"]), float(s["latent_shift"]))
         latent_shape = tuple(int(v) for v in s["latent_shape"])
     except (KeyError, TypeError, ValueError):
         raise MetadataError("the KeyFace settings in this image are incomplete; restore needs the PNG exactly as "
                             "Save Anonymized wrote it.") from None
-    sig = settings.sigmas
-    if (settings.method not in core.METHODS or settings.steps < 1 or sig.numel() != settings.steps + 1
-            or not bool(torch.isfinite(sig).all()) or float(sig[-1]) != 0.0 or not bool((sig[:-1] >= sig[1:]).all())):
-        raise MetadataError("the KeyFace settings in this image are inconsistent (method, steps and noise schedule do "
-                            "not agree): the metadata was edited. Restore needs the PNG exactly as Save Anonymized "
-                            "wrote it.")
+    _check_schedule(settings)
     H, W = image.shape[1:3]
-    if (W, H) != tuple(record.image_size):
-        raise InputMismatchError(f"the image is {W}x{H} but its KeyFace metadata was written for "
-                                 f"{record.image_size[0]}x{record.image_size[1]}: it was resized, so restore cannot "
-                                 "place the faces. Use the file as Save Anonymized wrote it.")
+    _check_size(record.image_size, W, H)
     regions = []
     for face in record.faces:
         if face.box is None or face.mask is None or face.mask.shape != (crop_size, crop_size):
@@ -279,13 +271,13 @@ def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=
     faces = FaceSet((H, W), crop_size, tuple(regions))
     exact = all("state" in f.payload for f in record.faces)
     dtype = core.state_dtype(settings.method)
+    partner = None
     if exact:
         state = torch.stack([torch.from_numpy(f.payload["state"].copy()) for f in record.faces]).to(dtype)
         if tuple(state.shape[1:]) != latent_shape:
             raise MetadataError("the stored latent payload does not match the stored latent shape; the metadata is damaged.")
-        second = None
         if all("partner" in f.payload for f in record.faces) and settings.method == "exact":
-            second = torch.stack([torch.from_numpy(f.payload["partner"].copy()) for f in record.faces]).to(dtype)
+            partner = torch.stack([torch.from_numpy(f.payload["partner"].copy()) for f in record.faces]).to(dtype)
         samples = fmt.process_out(state).to(torch.float32)
     else:
         if vae is None:
@@ -293,22 +285,50 @@ def record_to_inputs(record: meta.AnonymizationRecord, image: torch.Tensor, vae=
                                 "connect a VAE to Load Anonymized to re-encode the pixels (approximate restore).")
         crops, _, _ = crop(image, faces)
         samples = vae.encode(crops[..., :3])
-        state, second = fmt.process_in(samples.to(dtype)), None
+        state = fmt.process_in(samples.to(dtype))
         log.warning("KeyFace: no latent payload in this image; restoring from re-encoded pixels is APPROXIMATE.")
     lmask = mask_core.latent_mask(torch.stack([r.mask for r in regions]), latent_shape[-2:])
     sealed = None
     if settings.method == "exact" and all("sealed_residual" in f.payload for f in record.faces):
         sealed = tuple(f.payload["sealed_residual"] for f in record.faces)
-        if any(s.dtype != np.uint8 or s.size != 8 * int(np.prod(latent_shape)) for s in sealed):
+        if any(x.dtype != np.uint8 or x.size != 8 * int(np.prod(latent_shape)) for x in sealed):
             raise MetadataError("the sealed residual stored in this image does not match its latent shape; the "
                                 "metadata is damaged.")
-    info = KeyFaceInfo("latent", settings, state, second, samples, tuple(f.nonce for f in record.faces),
-                       tuple(f.index for f in record.faces), mask=lmask, background=state, latent_format=fmt,
-                       kdf=record.kdf, key_checks=tuple(f.key_check for f in record.faces), sealed=sealed,
-                       # Exact-method images saved before residual sealing carry the residual flipped instead.
-                       extra={"cond_id": s.get("cond_id", ""), "exact_payload": exact,
-                              "legacy_residual": settings.method == "exact" and sealed is None})
+    # Exact-method images saved before residual sealing carry the residual flipped instead (sealed None).
+    anon = V1Anonymized(state, partner, _face_batch_v1(record, lmask, state), tuple(f.key_check for f in record.faces),
+                        sealed, record.kdf, settings.method)
+    info = V1Info(settings, anon, samples, fmt, exact)
     return {"samples": samples, INFO_KEY: info}, faces, exact
+
+
+def _check_schedule(settings: InversionSettings) -> None:
+    sig = settings.sigmas
+    if (settings.method not in core.METHODS or settings.steps < 1 or sig.numel() != settings.steps + 1
+            or not bool(torch.isfinite(sig).all()) or float(sig[-1]) != 0.0 or not bool((sig[:-1] >= sig[1:]).all())):
+        raise MetadataError("the KeyFace settings in this image are inconsistent (method, steps and noise schedule do "
+                            "not agree): the metadata was edited. Restore needs the PNG exactly as Save Anonymized "
+                            "wrote it.")
+
+
+def _check_size(image_size, W: int, H: int) -> None:
+    if (W, H) != tuple(image_size):
+        raise InputMismatchError(f"the image is {W}x{H} but its KeyFace metadata was written for "
+                                 f"{image_size[0]}x{image_size[1]}: it was resized, so restore cannot "
+                                 "place the faces. Use the file as Save Anonymized wrote it.")
+
+
+def decode_crops(vae, samples: torch.Tensor) -> torch.Tensor:
+    """VAE-decode face latents one at a time (the same batch shape at save and at restore: bit-identical)."""
+    return torch.cat([vae.decode(samples[i:i + 1]) for i in range(samples.shape[0])])[..., :3].to(torch.float32)
+
+
+def restore_photo(image: torch.Tensor, faces: FaceSet, restored: torch.Tensor, anonymized: torch.Tensor) -> torch.Tensor:
+    """The restored photo [1,H,W,3]: the anonymized crops removed from the feather band algebraically."""
+    image = _rgb(image)
+    _check_image(image, faces)
+    out = photo.restore_photo(image[0], [r.box for r in faces.faces], [r.mask for r in faces.faces],
+                              _rgb(restored, "restored crops"), _rgb(anonymized, "anonymized crops"))
+    return photo.from_u8(photo.to_u8(out))[None]
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".avif")
@@ -458,26 +478,33 @@ class SaveAnonymized(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceSaveAnonymized", display_name="Save Anonymized", category=CATEGORY, is_output_node=True,
-            description="Writes the anonymized photo as a PNG carrying only its pixels and the KeyFace metadata "
-                        "(no workflow, no prompt, no EXIF, no source file name). Atomic: no partial files.",
+            description="Writes the anonymized photo as a PNG carrying only its pixels and the KeyFace record "
+                        "(keyed noise, nonces, masks, settings; no workflow, no prompt, no EXIF, no source file name). "
+                        "Atomic: no partial files.",
             inputs=[
                 io.Image.Input("image", tooltip="Paste Faces' output: the anonymized photo."),
                 FacesType.Input("faces", tooltip="Crop Faces' faces output (boxes and masks are stored)."),
-                io.Latent.Input("latent", tooltip="Regenerate's output for these faces (its exact state is the payload)."),
+                io.Latent.Input("latent", tooltip="Regenerate's output for these faces (it carries the keyed noise "
+                                                  "Restore retraces)."),
                 io.String.Input("filename_prefix", default="keyface/anonymized",
                                 tooltip="Output name prefix; never include the person's or the source file's name."),
-                io.Boolean.Input("store_latent_payload", default=True,
-                                 tooltip="Store the exact anonymized latents (~2x8 bytes per latent value, compressed) "
-                                         "for exact restore. Without it, restore re-encodes pixels: approximate."),
+                io.Boolean.Input("lossless", default=False, optional=True,
+                                 tooltip="Also seal (encrypted with the key) the pixel difference between the original "
+                                         "photo and what Restore gives, so Restore returns the original photo bit for "
+                                         "bit. Needs original, vae and key connected; adds roughly 200-500 KB per 512x512 face (measured)."),
+                io.Image.Input("original", optional=True, tooltip="Lossless mode: the original photo (LoadImage)."),
+                io.Vae.Input("vae", optional=True, tooltip="Lossless mode: the VAE that decoded the faces."),
+                KeyFaceKey.Input("key", optional=True, tooltip="Lossless mode: the key that seals the pixel residual."),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt],
         )
 
     @classmethod
-    def execute(cls, image, faces, latent, filename_prefix, store_latent_payload) -> io.NodeOutput:
+    def execute(cls, image, faces, latent, filename_prefix, lossless=False, original=None, vae=None,
+                key=None) -> io.NodeOutput:
         info = info_of(latent)
-        if info is None or info.kind != "latent":
+        if not isinstance(info, AnonymizedInfo):
             raise InputMismatchError("Save Anonymized needs Regenerate's LATENT output, unchanged.")
         hidden = getattr(cls, "hidden", None)
         if prefix_repeats_source_name(filename_prefix, getattr(hidden, "prompt", None)):
@@ -487,12 +514,100 @@ class SaveAnonymized(io.ComfyNode):
         image = _rgb(image)
         _check_image(image, faces)
         pixels = _to_uint8(image[0])
-        record = build_record(faces, info, store_latent_payload, pixels)
+        sealed_pixels = None
+        if lossless:
+            sealed_pixels = _seal_pixels(info, faces, pixels, original, vae, key)
+        record = build_record(faces, info, pixels, sealed_pixels)
         path = anonymized_file_path(filename_prefix, faces.image_hw)
-        meta.write_png_atomic(path, pixels, record)
+        pngio.write_png_atomic(path, pixels, record)
         folder = Path(folder_paths.get_output_directory())
         return io.NodeOutput(ui=ui.SavedImages([ui.SavedResult(path.name, str(path.parent.relative_to(folder)),
                                                                 io.FolderType.output)]))
+
+
+def _seal_pixels(info: AnonymizedInfo, faces: FaceSet, pixels: np.ndarray, original, vae, key) -> tuple:
+    """Lossless mode: per face, the sealed residual that turns Restore's photo into the original, and its digest."""
+    missing = [name for name, value in (("original", original), ("vae", vae), ("key", key)) if value is None]
+    if missing:
+        raise InputMismatchError(f"lossless mode needs {', '.join(missing)} connected to Save Anonymized (the original "
+                                 "photo, the VAE that decoded the faces, and the key); or turn lossless off.")
+    if info.clean is None or info.keyed.lock is None:
+        raise InputMismatchError("lossless mode needs the latent of this run (Regenerate's output), not a loaded one.")
+    original = _rgb(original)
+    _check_image(original, faces)
+    fmt = info.latent_format
+    restored_crops = decode_crops(vae, fmt.process_out(info.clean).to(torch.float32))
+    anonymized_crops = decode_crops(vae, info.samples)
+    # Exactly what Restore Photo will compute from the saved 8-bit pixels.
+    predicted = photo.to_u8(restore_photo(photo.from_u8(pixels)[None], faces, restored_crops, anonymized_crops)[0])
+    original_u8 = _to_uint8(original[0])
+    boxes = [r.box for r in faces.faces]
+    keys = protocol.image_keys(key, info.keyed.faces.nonces, info.keyed.lock.kdf)
+    sealed = []
+    for k, region, residual in zip(keys, faces.faces, photo.pixel_residual(original_u8, predicted, boxes)):
+        sealed.append(protocol.seal_pixel_residual(k, region.index, region.box, residual,
+                                                   photo.box_pixels(original_u8, region.box)))
+    return tuple(sealed)
+
+
+def restore_photo_from(image: torch.Tensor, faces: FaceSet, restored: dict, vae, key=None) -> tuple[torch.Tensor, str]:
+    """Restore Photo: the original photo back (ideal within 1 gray level; lossless files: bit for bit, verified)."""
+    info = info_of(restored)
+    if not isinstance(info, RestoredInfo):
+        raise InputMismatchError("Restore Photo needs Restore's 'restored' LATENT, unchanged.")
+    if info.anonymized is None:
+        raise InputMismatchError("this restored latent does not say which anonymized faces it replaces; connect "
+                                 "Restore's output for a loaded or freshly anonymized image.")
+    if len(faces.faces) != info.faces.size:
+        raise InputMismatchError(f"{info.faces.size} restored faces for {len(faces.faces)} face regions; connect "
+                                 "the faces output of the same Load Anonymized.")
+    out = restore_photo(image, faces, decode_crops(vae, info.samples), decode_crops(vae, info.anonymized))
+    report = info.verification.message()
+    if info.sealed_pixels is None:
+        return out, report + "; photo: the original with the restored faces (within 1 gray level of the ideal)"
+    if key is None:
+        return out, report + ("; photo: this file also carries a sealed lossless residual: connect the key to "
+                              "Restore Photo to get the original pixels back bit for bit")
+    predicted = photo.to_u8(out[0])
+    keys = protocol.image_keys(key, info.faces.nonces, info.kdf)
+    if info.key_checks is not None and not all(check_matches(k, c) for k, c in zip(keys, info.key_checks)):
+        raise WrongKeyError(f"this key ({key.source}) is the wrong key for this file's sealed lossless pixels; connect "
+                            "the key that anonymized it.")
+    boxes = [r.box for r in faces.faces]
+    residuals = [protocol.open_pixel_residual(k, region.index, region.box, sealed)
+                 for k, region, sealed in zip(keys, faces.faces, info.sealed_pixels)]
+    original = photo.apply_residual(predicted, residuals, boxes)
+    verified = all(protocol.pixels_match(k, region.index, region.box, sealed, photo.box_pixels(original, region.box))
+                   for k, region, sealed in zip(keys, faces.faces, info.sealed_pixels))
+    report += ("; photo: lossless, the original pixels bit for bit (keyed digest verified)" if verified else
+               "; photo: lossless residual applied but the keyed pixel digest does NOT match: the file was altered")
+    return photo.from_u8(original)[None], report
+
+
+class RestorePhoto(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceRestorePhoto", display_name="Restore Photo", category=CATEGORY,
+            description="Puts the restored faces back into the loaded photo, removing every trace of the anonymized "
+                        "face from the soft edges. Files saved in lossless mode come back as the original pixels, "
+                        "bit for bit, verified.",
+            inputs=[io.Image.Input("image", tooltip="Load Anonymized's image."),
+                    FacesType.Input("faces", tooltip="Load Anonymized's faces."),
+                    io.Latent.Input("restored", tooltip="Restore's output."),
+                    io.Vae.Input("vae", tooltip="The checkpoint's VAE (the same as the anonymizing run)."),
+                    KeyFaceKey.Input("key", optional=True, tooltip="Only for files saved in lossless mode: opens the "
+                                                                   "sealed pixel residual.")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The restored photo: save it with Save Image."),
+                     io.String.Output(display_name="report", tooltip="What was verified: the face latents, and for "
+                                                                     "lossless files the pixels.")],
+        )
+
+    @classmethod
+    def execute(cls, image, faces, restored, vae, key=None) -> io.NodeOutput:
+        out, report = restore_photo_from(image, faces, restored, vae, key)
+        log.info("KeyFace: %s", report)
+        return io.NodeOutput(out, report, ui=ui.PreviewText(report))
 
 
 def _input_files() -> list[str]:
@@ -508,17 +623,17 @@ def _resampled(pixels: np.ndarray, size: tuple) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize(tuple(size), Image.Resampling.LANCZOS)).copy()
 
 
-def load_anonymized(path, metadata_path=None, vae=None):
+def load_anonymized(path, metadata_path=None, vae=None, allow_altered: bool = False):
     """(IMAGE, anonymized LATENT, FaceSet, warnings) from a Save Anonymized PNG, or from an altered copy of it.
 
-    The metadata comes from `path` itself, or from `metadata_path` (the PNG Save Anonymized wrote) when `path`
-    is a copy that lost it (a JPEG a site served, a resized copy). Altered pixels only cost exactness: they
-    are resampled back to the recorded size and each alteration is reported in `warnings`.
-    """
-    pixels, record, read = meta.read_png(path)
+    The record comes from `path` itself, or from `metadata_path` (the PNG Save Anonymized wrote) when `path`
+    is a copy that lost it (a JPEG a site served, a resized copy). A record is bound to its pixels: pixels edited
+    after saving, or a record placed on other pixels, are refused unless `allow_altered` (then a warning)."""
+    pixels, record, read = pngio.read_png(path)
     warnings = list(read.warnings)
-    if metadata_path is not None:
-        _, record, meta_read = meta.read_png(metadata_path)
+    separate = metadata_path is not None
+    if separate:
+        _, record, _ = pngio.read_png(metadata_path)
         if record is None:
             raise MetadataError(f"'{Path(metadata_path).name}' (chosen as metadata) carries no KeyFace metadata either; "
                                 "pick the PNG Save Anonymized wrote.")
@@ -527,16 +642,18 @@ def load_anonymized(path, metadata_path=None, vae=None):
             warnings.append(f"the image is {read.format}, recompressed with losses: exactness is lost wherever its "
                             "pixels are used")
     if record is None:
-        raise MetadataError(f"'{Path(path).name}' carries no KeyFace metadata (nonces, masks, settings): restore "
-                            "is impossible without it. Use the PNG exactly as Save Anonymized wrote it"
-                            + (" (this file is lossy-compressed, which drops it)" if read.lossy else "")
-                            + ", or choose that PNG as Load Anonymized's metadata.")
+        raise MetadataError(_no_record_message(Path(path).name, read))
     size = tuple(record.image_size)
     if (pixels.shape[1], pixels.shape[0]) != size:
         warnings = [w for w in warnings if "resized after anonymization" not in w]
         warnings.append(f"the image is {pixels.shape[1]}x{pixels.shape[0]} but was saved as {size[0]}x{size[1]}; it "
                         "was resampled back, so pixels outside the faces are not the saved ones (exactness lost)")
         pixels = _resampled(pixels, size)
+    tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
+    if isinstance(record, anonymized_file.AnonymizedFile):
+        warnings += _check_binding(record, pixels, separate or read.lossy or bool(read.resized), allow_altered)
+        latent, faces = file_to_inputs(record, tensor)
+        return tensor, latent, faces, warnings
     stored = record.settings.get("pixels_sha256")
     exact_payload = all("state" in f.payload for f in record.faces)
     if isinstance(stored, str) and pixels_digest(pixels) != stored:
@@ -544,9 +661,36 @@ def load_anonymized(path, metadata_path=None, vae=None):
                         "restored photo keeps those changes outside the faces"
                         + ("; the faces themselves restore exactly from the stored latents" if exact_payload
                            else ", and the faces are re-encoded from them: approximate"))
-    tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
-    latent, faces, _ = record_to_inputs(record, tensor, vae)
+    latent, faces, _ = record_to_inputs_v1(record, tensor, vae)
     return tensor, latent, faces, warnings
+
+
+def _no_record_message(name: str, read) -> str:
+    """B01/B07: say what the file is, not what it might have been."""
+    if read.lossy:
+        return (f"'{name}' carries no KeyFace metadata: it is a {read.format} file, and lossy formats drop it "
+                "(nonces, masks, keyed noise). Restore needs the PNG exactly as Save Anonymized wrote it; or choose "
+                "that PNG as Load Anonymized's metadata to restore this copy.")
+    return (f"this image was not made by Save Anonymized (no KeyFace data in '{name}'): there is nothing to restore. "
+            "Pick the PNG Save Anonymized wrote (keyface/anonymized_*.png in the output folder).")
+
+
+def _check_binding(file, pixels: np.ndarray, expected_changes: bool, allow_altered: bool) -> list:
+    """A record belongs to one photo: refuse it on other pixels, and on pixels edited after saving."""
+    if anonymized_file.pixels_digest(pixels) == file.pixels_sha256:
+        return []
+    if file.look and anonymized_file.look_distance(file.look, anonymized_file.look_hash(pixels)) > anonymized_file.SAME_LOOK:
+        raise InputMismatchError("this KeyFace record belongs to another image: the pixels it was made with look "
+                                 "different (its stored look hash does not match). Use the PNG exactly as Save "
+                                 "Anonymized wrote it, or choose that PNG as the metadata of a copy of it.")
+    altered = anonymized_file.altered_regions(file, pixels)
+    where = f"face(s) {altered}" if altered else "the background"
+    if not (expected_changes or allow_altered):
+        raise InputMismatchError(f"the pixels of this file were edited after it was saved ({where} differ from the "
+                                 "record's digests), so the restored photo would keep those edits. Use the file "
+                                 "exactly as Save Anonymized wrote it, or enable allow_altered to restore anyway.")
+    return [f"the pixels differ from those Save Anonymized wrote ({where}): the restored photo keeps those changes "
+            "outside the faces; the faces themselves restore exactly from the stored keyed noise"]
 
 
 def _comfy_file(name: str, what: str) -> str:
@@ -573,17 +717,20 @@ class LoadAnonymized(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceLoadAnonymized", display_name="Load Anonymized", category=CATEGORY,
-            description="Loads a PNG written by Save Anonymized: the photo, the anonymized latents (exact payload) "
-                        "and the faces, ready for Restore -> VAE Decode -> Paste Faces.",
+            description="Loads a PNG written by Save Anonymized: the photo, its keyed noise and the faces, ready for "
+                        "Restore -> Restore Photo. Refuses a record that does not belong to these pixels.",
             inputs=[
                 io.Combo.Input("image", options=_input_files(), upload=io.UploadType.image,
                                tooltip="The anonymized PNG, in ComfyUI's input folder."),
-                io.Vae.Input("vae", optional=True, tooltip="Only needed when the file has no latent payload: the "
-                                                          "crops are re-encoded from pixels (approximate restore)."),
+                io.Vae.Input("vae", optional=True, tooltip="Only for old (format v1) files saved without their latent "
+                                                          "payload: the crops are re-encoded from pixels (approximate)."),
                 io.Combo.Input("metadata", options=[SAME_FILE, *_input_files()], default=SAME_FILE, optional=True,
                                tooltip="Where the KeyFace metadata comes from. Normally the image itself; pick the "
                                        "original PNG here to restore a copy that lost it (a JPEG or resized copy): "
                                        "works, with a warning that exactness is lost outside the faces."),
+                io.Boolean.Input("allow_altered", default=False, optional=True,
+                                 tooltip="Restore even when the pixels were edited after saving (the edits stay in "
+                                         "the restored photo; the faces still restore exactly). Off: refused."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The anonymized photo as saved."),
                      io.Latent.Output(display_name="latent", tooltip="The anonymized face latents with their KeyFace "
@@ -592,23 +739,23 @@ class LoadAnonymized(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, vae=None, metadata=SAME_FILE) -> io.NodeOutput:
+    def execute(cls, image, vae=None, metadata=SAME_FILE, allow_altered=False) -> io.NodeOutput:
         path = _comfy_file(image, "image")
         metadata_path = None if metadata in (None, SAME_FILE) else _comfy_file(metadata, "metadata file")
-        tensor, latent, faces, warnings = load_anonymized(path, metadata_path, vae)
+        tensor, latent, faces, warnings = load_anonymized(path, metadata_path, vae, bool(allow_altered))
         for warning in warnings:
             log.warning("KeyFace: %s", warning)
         return io.NodeOutput(tensor, latent, faces)
 
     @classmethod
-    def fingerprint_inputs(cls, image, vae=None, metadata=SAME_FILE):
+    def fingerprint_inputs(cls, image, vae=None, metadata=SAME_FILE, allow_altered=False):
         paths = [folder_paths.get_annotated_filepath(image)]
         if metadata not in (None, SAME_FILE):
             paths.append(folder_paths.get_annotated_filepath(metadata))
         return "|".join(_file_fingerprint(p) for p in paths)
 
     @classmethod
-    def validate_inputs(cls, image, vae=None, metadata=SAME_FILE):
+    def validate_inputs(cls, image, vae=None, metadata=SAME_FILE, allow_altered=False):
         for name, what in ((image, "image"), (metadata, "metadata file")):
             if what == "metadata file" and name in (None, SAME_FILE):
                 continue
@@ -621,4 +768,4 @@ class LoadAnonymized(io.ComfyNode):
         return True
 
 
-NODES = [FaceMask, CropFaces, PasteFaces, SaveAnonymized, LoadAnonymized]
+NODES = [FaceMask, CropFaces, PasteFaces, SaveAnonymized, LoadAnonymized, RestorePhoto]

@@ -1,22 +1,27 @@
-"""Key nodes: Load Key reads a secret on the server; only a file or variable *name* enters a workflow."""
+"""Key nodes: Create Key writes a new key file on the server, Load Key reads one; only a file or variable
+*name* ever enters a workflow, an output or a message."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import re
 import secrets
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..keyface_core.errors import KeyMaterialError
-from ..keyface_core.keys import key_from_env, load_key_file
+from ..keyface_core.keys import KEY_FILE_SUFFIX, key_from_env, load_key_file, write_key_file
+
+log = logging.getLogger("keyface")
 
 KeyFaceKey = io.Custom("KEYFACE_KEY")
 CATEGORY = "KeyFace"
 KEYS_FOLDER = "keyface_keys"
-NO_KEYS = "(no key files: run python -m keyface_core.keygen NAME)"
+NO_KEYS = "(no key files: run a Create Key node, then press R)"
 _FINGERPRINT_SALT = secrets.token_bytes(32)
 
 
@@ -46,7 +51,8 @@ class LoadKey(io.ComfyNode):
                 io.Combo.Input("source", options=["key file", "environment variable"], default="key file",
                                tooltip="Where the secret lives, on the machine running ComfyUI."),
                 io.Combo.Input("key_file", options=key_file_names(),
-                               tooltip="A file in models/keyface_keys (create one: python -m keyface_core.keygen NAME)."),
+                               tooltip="A file in models/keyface_keys. No key yet? Run a Create Key node once (or "
+                                       "python -m keyface_core.keygen NAME), then press R to refresh this list."),
                 io.String.Input("variable", default="KEYFACE_KEY",
                                 tooltip="Name (not value) of an environment variable of the ComfyUI server."),
                 io.Combo.Input("kind", options=["key", "passphrase"], default="key",
@@ -91,8 +97,8 @@ class LoadKey(io.ComfyNode):
 def _key_file_problem(key_file: str, check_exists: bool = True) -> str | None:
     """Why the chosen key file cannot be used, or None. Names only the file, never its content."""
     if key_file == NO_KEYS or not key_file or Path(key_file).name != key_file:
-        return (f"no key file selected; put one in {keys_dir()} (python -m keyface_core.keygen NAME) "
-                "and refresh the node list (press R).")
+        return (f"no key file selected; make one with a Create Key node (or python -m keyface_core.keygen NAME), "
+                f"which writes it to {keys_dir()}, then refresh the node list (press R) and pick it.")
     if check_exists and not (keys_dir() / key_file).is_file():
         return (f"key file '{key_file}' is not in {keys_dir()}: copy the key file there (or create a new key with "
                 f"`python -m keyface_core.keygen {Path(key_file).stem}`; a new key cannot restore old images), "
@@ -100,4 +106,73 @@ def _key_file_problem(key_file: str, check_exists: bool = True) -> str | None:
     return None
 
 
-NODES = [LoadKey]
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def key_file_name(name: str) -> str:
+    """NAME -> NAME.key, refusing anything but a plain file name (no folders, no hidden files)."""
+    name = (name or "").strip()
+    base = name[: -len(KEY_FILE_SUFFIX)] if name.endswith(KEY_FILE_SUFFIX) else name
+    if not _KEY_NAME.fullmatch(base) or ".." in base:
+        raise KeyMaterialError("the key name must be a plain file name: letters, digits, '-', '_' or '.', starting "
+                               "with a letter or digit, at most 64 characters (e.g. my_keyface); no folders.")
+    return base + KEY_FILE_SUFFIX
+
+
+def create_key(name: str) -> tuple[Path, bool]:
+    """Write a new 256-bit key file (mode 600) in the keys folder; (path, created). Never overwrites."""
+    path = keys_dir() / key_file_name(name)
+    if path.exists():
+        return path, False
+    try:
+        return write_key_file(path), True
+    except KeyMaterialError:
+        if path.exists():   # made by someone else between the check and the write: still never overwritten
+            return path, False
+        raise
+    except OSError as err:
+        raise KeyMaterialError(f"could not write the key file in {path.parent}: {err.strerror or type(err).__name__}. "
+                               "Check that the folder exists and is writable.") from None
+
+
+class CreateKey(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KeyFaceCreateKey", display_name="Create Key", category=CATEGORY, is_output_node=True,
+            description="Makes a new secret key without a terminal: writes a 256-bit key file to "
+                        "models/keyface_keys on the ComfyUI server (owner-only, mode 600) and never overwrites one. "
+                        "Run it once, press R, and pick the file in Load Key. Back the file up: without it, nothing "
+                        "anonymized with it can be restored.",
+            inputs=[io.String.Input("name", default="my_keyface",
+                                    tooltip="Name of the new key file (NAME.key). If it exists already it is kept as "
+                                            "it is, never overwritten.")],
+            outputs=[io.String.Output(display_name="key_file", tooltip="The key file's name (never its content): "
+                                                                       "the value to pick in Load Key.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, name):
+        # Runs again when the file appears or disappears (never reads it).
+        try:
+            path = keys_dir() / key_file_name(name)
+        except KeyMaterialError:
+            return f"invalid:{name}"
+        return f"{path}:{path.exists()}"
+
+    @classmethod
+    def execute(cls, name) -> io.NodeOutput:
+        path, created = create_key(name)
+        if created:
+            text = (f"Created the key file {path} (256-bit, readable only by the server's user). BACK IT UP NOW: "
+                    "without a backup, nothing anonymized with this key can ever be restored, by anyone. "
+                    "Press R, then pick it in Load Key.")
+            log.info("KeyFace: created key file %s", path)
+        else:
+            text = (f"The key file {path} already exists: it was NOT overwritten (KeyFace never replaces a key). "
+                    "Pick it in Load Key, or enter another name to make a new key.")
+            log.warning("KeyFace: Create Key left the existing key file %s as it is", path)
+        return io.NodeOutput(path.name, ui=ui.PreviewText(text))
+
+
+NODES = [CreateKey, LoadKey]

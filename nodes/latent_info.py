@@ -1,113 +1,123 @@
 """What a KeyFace LATENT carries beside its samples, so the next node can match it exactly.
 
-ComfyUI LATENTs are dicts; other nodes copy them shallowly and keep unknown keys, so the info
-rides along under ``latent["keyface"]`` while ``latent["samples"]`` stays an ordinary latent that
-stock nodes (KSamplerAdvanced, VAEDecode, previews) accept. Nothing here is secret: nonces, masks,
-the background and the anonymized states are public; the key never enters a LATENT.
+ComfyUI LATENTs are dicts; other nodes copy them shallowly and keep unknown keys, so the info rides along
+under ``latent["keyface"]`` while ``latent["samples"]`` stays an ordinary latent that stock nodes
+(KSamplerAdvanced, VAEDecode, previews) accept. One typed record per stage:
+
+* ``NoiseInfo``      Invert to Noise's output (``lock`` None) or Apply Key Flip's (``lock`` set);
+* ``AnonymizedInfo`` Regenerate's output (or Load Anonymized's, for a v2 file): the keyed noise Restore retraces;
+* ``V1Info``         Load Anonymized's output for a format-v1 file (restored by re-inversion);
+* ``RestoredInfo``   Restore's output: refused by a second Restore (it would anonymize the face again).
+
+The key never enters a LATENT. ``NoiseInfo.clean`` (the original face latent) lives in memory only between
+Invert to Noise and Save Anonymized, for the keyed digest; nothing writes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
 
 import torch
 
-from ..keyface_core.errors import InputMismatchError, NoFaceError
-from ..keyface_core.flip import public_gaussian
-from ..keyface_core import sampling as core
+from ..keyface_core import protocol, sampling
+from ..keyface_core.errors import InputMismatchError
+from ..keyface_core.protocol import InversionSettings, RenderSettings
+from ..keyface_core.protocol_v1 import V1Anonymized
 
 INFO_KEY = "keyface"
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The inversion settings both directions must share."""
+class NoiseInfo:
+    settings: InversionSettings
+    faces: protocol.FaceBatch
+    state: sampling.NoiseState            # unkeyed noise, or (locked) the keyed noise with no second state
+    lock: Optional[protocol.Lock]
+    clean: Optional[torch.Tensor]         # the original model-space latent (memory only; None after unlock)
+    samples: torch.Tensor
+    latent_format: Any = None
 
-    steps: int
-    scheduler: str
-    method: str
-    cfg: float
-    model_id: str
-    sigmas: torch.Tensor  # ComfyUI's float32 schedule, descending to 0
+    @property
+    def keyed(self) -> protocol.KeyedNoise:
+        if self.lock is None:
+            raise InputMismatchError("this noise was never key-flipped; run Apply Key Flip first.")
+        return protocol.KeyedNoise(self.state.x, self.faces, self.lock)
 
-    def public(self) -> dict:
-        """JSON-able form for the image metadata (no tensors)."""
-        return {"steps": self.steps, "scheduler": self.scheduler, "method": self.method, "cfg": self.cfg,
-                "model_id": self.model_id, "sigmas": [float(s) for s in self.sigmas]}
+    def __repr__(self) -> str:
+        # ComfyUI prints node inputs into error reports (/history): keep it short and tensor-free.
+        return (f"<KeyFace noise: batch {self.faces.size}, {_describe(self.settings)}, "
+                f"{'masked' if self.faces.mask is not None else 'whole latent'}, "
+                f"{('key-flipped (' + self.lock.scramble + ')') if self.lock else 'not key-flipped'}>")
 
 
 @dataclass(frozen=True)
-class KeyFaceInfo:
-    """Exact state and context of a noise (``kind='noise'``) or clean (``kind='latent'``) latent."""
-
-    kind: str
-    settings: Settings
-    state: torch.Tensor                      # model space; float64 for the exact method
-    second: Optional[torch.Tensor]           # noise: residual; latent: partner (exact method only)
-    samples: torch.Tensor                    # the LATENT samples this info belongs to
-    nonces: tuple                            # one 16-byte nonce per batch item
-    face_indices: tuple                      # which face of the photo each batch item is
-    mask: Optional[torch.Tensor] = None      # [B,1,h,w] binary latent mask (1 = face)
-    background: Optional[torch.Tensor] = None  # model-space clean latent; only outside the mask is used
-    latent_format: Any = None                # ComfyUI latent format (scale/shift), for flips without a MODEL
-    kdf: Optional[dict] = None               # passphrase KDF parameters once a passphrase key was applied
-    key_checks: Optional[tuple] = None       # per item, set by Apply Key Flip
-    flipped: bool = False                    # parity of flips applied since inversion
-    sealed: Optional[tuple] = None           # exact method: per item, the original residual sealed by the key
-    extra: dict = field(default_factory=dict)
+class AnonymizedInfo:
+    settings: InversionSettings
+    keyed: protocol.KeyedNoise
+    render: Optional[RenderSettings]
+    samples: torch.Tensor                 # the drawn anonymized latent (VAE space), stored for the feather band
+    latent_format: Any = None
+    clean: Optional[torch.Tensor] = None  # memory only, as in NoiseInfo
+    sealed_pixels: Optional[tuple] = None  # lossless files: per face protocol.SealedPixels
 
     def __repr__(self) -> str:
-        # ComfyUI prints node inputs into error reports (/history): keep it short, and tensor-free.
-        s = self.settings
-        return (f"<KeyFace {self.kind}: batch {self.state.shape[0]}, {s.method}, {s.steps} steps {s.scheduler}, "
-                f"cfg {s.cfg:g}, {'masked' if self.mask is not None else 'whole latent'}, "
-                f"{'key-flipped' if self.key_checks is not None else 'not key-flipped'}>")
-
-    def matches(self, samples: torch.Tensor) -> bool:
-        """True when `samples` are still the ones this info was made for (no node edited them)."""
-        return samples is self.samples or (samples.shape == self.samples.shape and torch.equal(samples.cpu(), self.samples.cpu()))
-
-    def with_(self, **changes) -> "KeyFaceInfo":
-        return replace(self, **changes)
+        return f"<KeyFace anonymized: batch {self.keyed.faces.size}, {_describe(self.settings)}>"
 
 
-def info_of(latent: dict) -> Optional[KeyFaceInfo]:
+@dataclass(frozen=True)
+class V1Info:
+    settings: InversionSettings
+    anon: V1Anonymized
+    samples: torch.Tensor
+    latent_format: Any = None
+    exact_payload: bool = True
+
+    def __repr__(self) -> str:
+        return f"<KeyFace anonymized (format v1): batch {self.anon.faces.size}, {_describe(self.settings)}>"
+
+
+@dataclass(frozen=True)
+class RestoredInfo:
+    settings: InversionSettings
+    faces: protocol.FaceBatch
+    verification: protocol.Verification
+    samples: torch.Tensor
+    anonymized: Optional[torch.Tensor] = None   # the anonymized latent it replaces (VAE space): the feather band
+    sealed_pixels: Optional[tuple] = None       # lossless files: per face protocol.SealedPixels
+    kdf: Optional[dict] = None
+    key_checks: Optional[tuple] = None          # to tell a wrong key from a tampered lossless residual
+
+    def __repr__(self) -> str:
+        return f"<KeyFace restored: batch {self.faces.size}, {self.verification.message()}>"
+
+
+Info = Union[NoiseInfo, AnonymizedInfo, V1Info, RestoredInfo]
+
+
+def _describe(s: InversionSettings) -> str:
+    return f"{s.method}, {s.steps} steps {s.scheduler}, cfg {s.cfg:g}"
+
+
+def info_of(latent: dict) -> Optional[Info]:
     """The KeyFace info of a LATENT, or None when it has none or its samples were edited since."""
-    info = latent.get(INFO_KEY)
-    if isinstance(info, KeyFaceInfo) and info.matches(latent["samples"]):
+    info = latent.get(INFO_KEY) if isinstance(latent, dict) else None
+    if not isinstance(info, (NoiseInfo, AnonymizedInfo, V1Info, RestoredInfo)):
+        return None
+    samples = latent.get("samples")
+    if samples is info.samples or (isinstance(samples, torch.Tensor) and samples.shape == info.samples.shape
+                                   and torch.equal(samples.cpu(), info.samples.cpu())):
         return info
     return None
 
 
-def make_latent(base: dict, samples: torch.Tensor, info: Optional[KeyFaceInfo]) -> dict:
+def make_latent(base: dict, samples: torch.Tensor, info: Optional[Info]) -> dict:
     """A new LATENT dict: base's other keys kept (batch_index, ...), new samples and info."""
     out = {k: v for k, v in base.items() if k not in (INFO_KEY, "noise_mask")}
     out["samples"] = samples
     if info is not None:
-        out[INFO_KEY] = info.with_(samples=samples)
+        out[INFO_KEY] = replace(info, samples=samples)
     return out
-
-
-def background_for(info_mask: Optional[torch.Tensor], clean_state: torch.Tensor, nonces: tuple, add_noise,
-                   dtype: torch.dtype) -> Optional[core.Background]:
-    """The held background: clean latent outside the mask, public nonce-derived noise."""
-    if info_mask is None:
-        return None
-    shape = tuple(clean_state.shape[1:])
-    noise = torch.stack([public_gaussian(b"keyface/v1/background\x00" + nonce, shape) for nonce in nonces])
-    return core.Background(info_mask.to(dtype), clean_state.to(dtype), noise.to(dtype), add_noise)
-
-
-def check_not_empty(lmask: Optional[torch.Tensor], what: str) -> None:
-    """Refuse a latent mask with an item that covers no cell: that item would silently stay un-anonymized."""
-    if lmask is None:
-        return
-    empty = [item for item in range(lmask.shape[0]) if not bool((lmask[item] >= 0.5).any())]
-    if empty:
-        raise NoFaceError(f"the {what} is empty on the latent grid for batch item(s) {empty} (nothing >= 0.5 after "
-                          "downsampling to 1/8 size), so nothing would be anonymized there. Connect the face mask "
-                          "(Face Mask / Crop Faces), or a mask covering at least one 8x8-pixel cell.")
 
 
 def check_batch(name: str, tensor: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:

@@ -1,8 +1,12 @@
-"""Writes workflows/*.json (UI format, drag-and-drop) and workflows/api/*.json (API format) from one
-graph definition each, using the node definitions of a real ComfyUI. `--check` fails when the
-committed files differ from what would be generated (tests run it).
+"""Writes the shipped workflows from one declaration each, using a real ComfyUI's node definitions:
+`workflows/<title>.json` (UI format: drag-and-drop, and the Templates dialog, which shows the file name
+as the title) and `workflows/api/<title>.json` (API format: what `app.graphToPrompt` must give for it).
+Slots, widget order and outputs come from the host's object_info (keyface_dev/workflow_ui.py); the
+layout is computed from the data flow. `--check` fails when the committed files differ (tests run it).
 
     .venv/bin/python scripts/make_workflows.py [--check]
+
+Adding a node to a workflow is one line in its `nodes` dict; a new workflow is one more `Graph`.
 """
 
 from __future__ import annotations
@@ -15,120 +19,130 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from keyface_dev.workflow_ui import Graph, Node, Out  # noqa: E402
+
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 PROMPT = "a photo of a person's face, natural light"
+KEY_FILE = "my_keyface.key"
+LOAD_KEY = {"source": "key file", "key_file": KEY_FILE, "variable": "KEYFACE_KEY", "kind": "key"}
+BLUE, GREEN, PURPLE, BROWN = "#3f789e", "#8A8", "#a1309b", "#b58b2a"
 
-# id: (class_type, {input: value or [source_id, output_index]}, title)
-ANONYMIZE = {
-    "1": ("CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, "Your checkpoint (SD1.5, SDXL, SD3, Flux...)"),
-    "2": ("LoadImage", {"image": "keyface_sample_face.jpg"}, "Photo to anonymize"),
-    "3": ("KeyFaceLoadKey", {"source": "key file", "key_file": "my_keyface.key", "variable": "KEYFACE_KEY", "kind": "key"}, None),
-    "4": ("CLIPTextEncode", {"text": PROMPT, "clip": ["1", 1]}, "Prompt (Restore must use the same)"),
-    "5": ("KeyFaceFaceMask", {"image": ["2", 0], "crop_size": 512, "context": 2.0, "feather": 0.06, "max_faces": 16,
-                              "min_face_px": 0}, None),
-    "6": ("KeyFaceCropFaces", {"image": ["2", 0], "faces": ["5", 1]}, None),
-    "7": ("VAEEncode", {"pixels": ["6", 0], "vae": ["1", 2]}, None),
-    "8": ("KeyFaceInvertToNoise", {"model": ["1", 0], "latent": ["7", 0], "steps": 30, "scheduler": "karras",
-                                   "mode": "exact", "cfg": 1.0, "positive": ["4", 0], "mask": ["6", 1]}, None),
-    "9": ("KeyFaceApplyKeyFlip", {"noise": ["8", 0], "key": ["3", 0]}, None),
-    "10": ("KeyFaceRegenerate", {"model": ["1", 0], "noise": ["9", 0], "positive": ["4", 0]}, None),
-    "11": ("VAEDecode", {"samples": ["10", 0], "vae": ["1", 2]}, None),
-    "12": ("KeyFacePasteFaces", {"image": ["2", 0], "crops": ["11", 0], "faces": ["6", 2]}, None),
-    "13": ("KeyFaceSaveAnonymized", {"image": ["12", 0], "faces": ["6", 2], "latent": ["10", 0],
-                                     "filename_prefix": "keyface/anonymized", "store_latent_payload": True}, None),
+ANONYMIZE_NOTE = """KeyFace: anonymize the faces in a photo (reversible with your key)
+
+Pick three things, then press Run:
+1. Checkpoint: your model (SD1.5, SDXL, SD3, Flux...). Restoring needs the same checkpoint and the same prompt.
+2. Photo: upload it in "Photo to anonymize".
+3. Key: a key file from ComfyUI/models/keyface_keys. No key yet? Add the node KeyFace > Create Key, run it once, press R, and pick the new file here.
+
+The key file is the only way to get the real faces back: back it up somewhere safe. Without it nobody can restore them; with it anyone can.
+
+The result goes to output/keyface/anonymized_*.png. Keep that PNG: a JPEG or resized copy loses the data needed to restore."""
+
+RESTORE_NOTE = """KeyFace: restore the faces of an anonymized photo
+
+Pick three things, then press Run:
+1. Checkpoint: the same one that anonymized the photo (and keep the prompt the same).
+2. Anonymized PNG: upload the file Save Anonymized wrote (output/keyface/anonymized_*.png), not a JPEG copy. For a copy that lost its data, also pick the original PNG as "metadata".
+3. Key: the key file that anonymized it, from ComfyUI/models/keyface_keys. A different key is refused.
+
+The restored photo shows the real faces: it goes to output/keyface/restored_*.png with ComfyUI's usual metadata. Share the anonymized PNG, not this one."""
+
+
+def anonymize(photo: str, title: str) -> dict[str, Node]:
+    """The anonymize chain: load -> find faces -> crop/encode -> invert -> flip -> regenerate -> decode/paste -> save."""
+    return {
+        "photo": Node("LoadImage", "Find faces", {"image": photo}, title),
+        "mask": Node("KeyFaceFaceMask", "Find faces", {"image": Out("photo", "IMAGE"), "crop_size": 512, "context": 2.0,
+                                                       "feather": 0.06, "max_faces": 16, "min_face_px": 0}),
+        "crops": Node("KeyFaceCropFaces", "Find faces", {"image": Out("photo", "IMAGE"), "faces": Out("mask", "faces")}),
+        "checkpoint": Node("CheckpointLoaderSimple", "Anonymize", {"ckpt_name": CHECKPOINT},
+                           "Your checkpoint", lane=-1),
+        "prompt": Node("CLIPTextEncode", "Anonymize", {"text": PROMPT, "clip": Out("checkpoint", "CLIP")},
+                       "Prompt (Restore must use the same)", lane=-1),
+        "key": Node("KeyFaceLoadKey", "Anonymize", dict(LOAD_KEY), "Your key", lane=-1),
+        "encode": Node("VAEEncode", "Anonymize", {"pixels": Out("crops", "crops"), "vae": Out("checkpoint", "VAE")}),
+        "invert": Node("KeyFaceInvertToNoise", "Anonymize", {"model": Out("checkpoint", "MODEL"), "latent": Out("encode"),
+                                                             "steps": 20, "scheduler": "normal", "mode": "exact", "cfg": 1.0,
+                                                             "positive": Out("prompt"), "mask": Out("crops", "masks")}),
+        "flip": Node("KeyFaceApplyKeyFlip", "Anonymize", {"noise": Out("invert"), "key": Out("key"), "scramble": "pairswap"}),
+        "sampler": Node("KSamplerSelect", "Anonymize", {"sampler_name": "dpmpp_2m"}, "Sampler for the new face (any)", lane=-1),
+        "regenerate": Node("KeyFaceRegenerate", "Anonymize", {"model": Out("checkpoint", "MODEL"), "noise": Out("flip"),
+                                                              "sampler": Out("sampler"), "scheduler": "normal", "steps": 20,
+                                                              "cfg": 1.0, "seed": 0, "positive": Out("prompt")}),
+        "decode": Node("VAEDecode", "Anonymize", {"samples": Out("regenerate"), "vae": Out("checkpoint", "VAE")}),
+        "paste": Node("KeyFacePasteFaces", "Save", {"image": Out("photo", "IMAGE"), "crops": Out("decode"),
+                                                    "faces": Out("crops", "faces")}),
+        "save": Node("KeyFaceSaveAnonymized", "Save", {"image": Out("paste"), "faces": Out("crops", "faces"),
+                                                       "latent": Out("regenerate"), "filename_prefix": "keyface/anonymized",
+                                                       "lossless": False}),
+    }
+
+
+ANONYMIZE_GROUPS = (("Find faces", BLUE), ("Anonymize", PURPLE), ("Save", GREEN))
+
+# Keyed by a stable id (tests and other branches refer to these); `file` is what users see.
+WORKFLOWS = {
+    "anonymize": Graph("Anonymize faces with a key", ANONYMIZE_GROUPS, ANONYMIZE_NOTE,
+                       anonymize("keyface_sample_face.jpg", "Photo to anonymize")),
+    "anonymize_group": Graph("Anonymize every face in a group photo", ANONYMIZE_GROUPS, ANONYMIZE_NOTE,
+                             anonymize("keyface_sample_group.jpg", "Photo with several faces")),
+    "restore": Graph("Restore faces with the key", (("Your files", BLUE), ("Restore", PURPLE), ("Save", GREEN)),
+                     RESTORE_NOTE, {
+        "checkpoint": Node("CheckpointLoaderSimple", "Your files", {"ckpt_name": CHECKPOINT},
+                           "Same checkpoint as the anonymizing run", lane=-1),
+        "anonymized": Node("KeyFaceLoadAnonymized", "Your files", {"image": "keyface_anonymized.png",
+                                                                   "vae": Out("checkpoint", "VAE"),
+                                                                   "metadata": "(from the image)"},
+                           "Anonymized PNG (as saved)"),
+        "key": Node("KeyFaceLoadKey", "Your files", dict(LOAD_KEY), "The key that anonymized it", lane=-1),
+        "prompt": Node("CLIPTextEncode", "Restore", {"text": PROMPT, "clip": Out("checkpoint", "CLIP")},
+                       "Same prompt as the anonymizing run", lane=-1),
+        "restore": Node("KeyFaceRestore", "Restore", {"model": Out("checkpoint", "MODEL"), "latent": Out("anonymized", "latent"),
+                                                      "key": Out("key"), "positive": Out("prompt"),
+                                                      "allow_wrong_key": False}),
+        "photo": Node("KeyFaceRestorePhoto", "Restore", {"image": Out("anonymized", "image"), "faces": Out("anonymized", "faces"),
+                                                         "restored": Out("restore"), "vae": Out("checkpoint", "VAE"),
+                                                         "key": Out("key")}),
+        "save": Node("SaveImage", "Save", {"images": Out("photo"), "filename_prefix": "keyface/restored"}),
+    }),
 }
 
-RESTORE = {
-    "1": ("CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, "Same checkpoint as the anonymizing run"),
-    "2": ("KeyFaceLoadAnonymized", {"image": "keyface_anonymized.png", "vae": ["1", 2], "metadata": "(from the image)"}, "Anonymized PNG (as saved)"),
-    "3": ("KeyFaceLoadKey", {"source": "key file", "key_file": "my_keyface.key", "variable": "KEYFACE_KEY", "kind": "key"}, None),
-    "4": ("CLIPTextEncode", {"text": PROMPT, "clip": ["1", 1]}, "Same prompt as the anonymizing run"),
-    "5": ("KeyFaceRestore", {"model": ["1", 0], "latent": ["2", 1], "key": ["3", 0], "positive": ["4", 0],
-                             "allow_wrong_key": False}, None),
-    "6": ("VAEDecode", {"samples": ["5", 0], "vae": ["1", 2]}, None),
-    "7": ("KeyFacePasteFaces", {"image": ["2", 0], "crops": ["6", 0], "faces": ["2", 2]}, None),
-    "8": ("SaveImage", {"images": ["7", 0], "filename_prefix": "keyface/restored"}, None),
-}
 
-GROUP = {k: (t, dict(i), title) for k, (t, i, title) in ANONYMIZE.items()}
-GROUP["2"] = ("LoadImage", {"image": "keyface_sample_group.jpg"}, "Photo with several faces")
-
-WORKFLOWS = {"keyface_anonymize": ANONYMIZE, "keyface_restore": RESTORE, "keyface_anonymize_group": GROUP}
+def paths(workflow_id: str) -> tuple[Path, Path]:
+    """(UI file, API file) of a shipped workflow."""
+    name = WORKFLOWS[workflow_id].file
+    return REPO / "workflows" / f"{name}.json", REPO / "workflows" / "api" / f"{name}.json"
 
 
-def api_prompt(graph: dict) -> dict:
-    return {nid: {"class_type": t, "inputs": inputs, "_meta": {"title": title or t}} for nid, (t, inputs, title) in graph.items()}
-
-
-def _definition(class_type: str) -> tuple[list, list, list]:
-    """(input slots [(name, type)], widget names in order, outputs [(name, type)]) from ComfyUI itself."""
+def definitions(class_types) -> dict:
+    from keyface_dev import workflow_ui
     import nodes
-    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
-    spec = cls.INPUT_TYPES()
-    slots, widgets = [], []
-    for section in ("required", "optional"):
-        for name, value in spec.get(section, {}).items():
-            kind = value[0]
-            options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
-            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                widgets.append(name)
-                if options.get("control_after_generate"):
-                    widgets.append(None)
-                if options.get("image_upload"):
-                    widgets.append("upload")
-            else:
-                slots.append((name, kind))
-    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-    return slots, widgets, list(zip(names, cls.RETURN_TYPES))
-
-
-def ui_workflow(graph: dict) -> dict:
-    """The editor's format: nodes with positions, typed slots, links and widget values."""
-    order = list(graph)
-    links, out_links = [], {}
-    definitions = {nid: _definition(t) for nid, (t, _, _) in graph.items()}
-    ui_nodes = []
-    for nid in order:
-        class_type, inputs, title = graph[nid]
-        slots, widgets, outputs = definitions[nid]
-        node_inputs = []
-        for slot_index, (name, kind) in enumerate(slots):
-            link = None
-            if name in inputs and isinstance(inputs[name], list):
-                src, src_slot = inputs[name]
-                link = len(links) + 1
-                links.append([link, int(src), src_slot, int(nid), slot_index, definitions[src][2][src_slot][1]])
-                out_links.setdefault((src, src_slot), []).append(link)
-            if link is not None or name in inputs:
-                node_inputs.append({"name": name, "type": kind, "link": link})
-        values = []
-        for w in widgets:
-            if w is None:
-                values.append("fixed")
-            elif w == "upload":
-                values.append("image")
-            else:
-                values.append(inputs.get(w))
-        column, row = divmod(order.index(nid), 4)
-        ui_nodes.append({"id": int(nid), "type": class_type, "pos": [40 + 360 * column, 40 + 260 * row],
-                         "size": [320, 200], "flags": {}, "order": order.index(nid), "mode": 0,
-                         "inputs": node_inputs, "outputs": [], "properties": {"Node name for S&R": class_type},
-                         "widgets_values": values, **({"title": title} if title else {})})
-    for node in ui_nodes:
-        nid = str(node["id"])
-        node["outputs"] = [{"name": name, "type": kind, "links": out_links.get((nid, i), []), "slot_index": i}
-                           for i, (name, kind) in enumerate(definitions[nid][2])]
-    return {"last_node_id": max(int(n) for n in graph), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"keyface": "generated by scripts/make_workflows.py"}, "version": 0.4}
+    infos = {t: workflow_ui.node_info(t) for t in class_types}
+    workflow_ui.display_names.update({t: info["display_name"] for t, info in infos.items()})
+    import tomllib
+    import comfyui_version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for t, info in infos.items():
+        custom = str(info.get("python_module", "")).startswith("custom_nodes.")
+        workflow_ui.packs[t] = (project["name"], project["version"]) if custom else ("comfy-core", comfyui_version.__version__)
+    assert all(t in nodes.NODE_CLASS_MAPPINGS for t in class_types)
+    return {t: workflow_ui.node_def(info) for t, info in infos.items()}
 
 
 def render() -> dict[Path, str]:
-    from keyface_dev import comfy_host
+    from keyface_dev import comfy_host, frontend, workflow_ui
     comfy_host.boot()
+    version = frontend.pinned_frontend_version()
     files = {}
-    for name, graph in WORKFLOWS.items():
-        files[REPO / "workflows" / f"{name}.json"] = json.dumps(ui_workflow(graph), indent=1) + "\n"
-        files[REPO / "workflows" / "api" / f"{name}.json"] = json.dumps(api_prompt(graph), indent=1) + "\n"
+    for workflow_id, graph in WORKFLOWS.items():
+        defs = definitions({n.class_type for n in graph.nodes.values()})
+        ui_file, api_file = paths(workflow_id)
+        ui = workflow_ui.ui_workflow(graph, defs, version)
+        problems = workflow_ui.readability_problems(*workflow_ui.planned_geometry(ui), margin=workflow_ui.PLAN_MARGIN)
+        if problems:
+            raise SystemExit(f"{graph.file}: layout problems: " + "; ".join(problems))
+        files[ui_file] = json.dumps(ui, indent=1) + "\n"
+        files[api_file] = json.dumps(workflow_ui.api_prompt(graph, defs), indent=1) + "\n"
     return files
 
 
@@ -136,17 +150,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if committed workflows differ")
     args = parser.parse_args()
-    stale = []
-    for path, text in render().items():
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(path.relative_to(REPO))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    if stale:
-        print("stale workflows (run scripts/make_workflows.py):", *stale)
-        return 1
+    files = render()
+    stale = [p.relative_to(REPO) for p, text in files.items() if not p.is_file() or p.read_text() != text]
+    shipped = {p for p in (REPO / "workflows").rglob("*.json")}
+    extra = sorted(p.relative_to(REPO) for p in shipped - set(files))
+    if args.check:
+        if stale or extra:
+            print("stale workflows (run scripts/make_workflows.py):", *stale, *[f"{p} (not generated)" for p in extra])
+            return 1
+        return 0
+    for path in extra:
+        (REPO / path).unlink()
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return 0
 
 

@@ -57,6 +57,9 @@ def kf(host):
         errors = comfy_host.pack_module("keyface_core.errors")
         metadata = comfy_host.pack_module("keyface_core.metadata")
         sampling = comfy_host.pack_module("keyface_core.sampling")
+        protocol = comfy_host.pack_module("keyface_core.protocol")
+        pngio = comfy_host.pack_module("keyface_core.pngio")
+        record = comfy_host.pack_module("keyface_core.record")
     return Modules
 
 

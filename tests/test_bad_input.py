@@ -79,9 +79,9 @@ def made(host, tiny, kf, key_pair, photo):
         latent = {"samples": vae.encode(crops)}
         noise, _ = C.invert_latent(models["eps"], latent, STEPS, "normal", "exact", 1.0, mask=masks)
         flipped = C.flip_latent(noise, key_pair[0])
-        anon, _ = C.regenerate_latent(models["eps"], flipped)
+        anon, _ = C.regenerate_latent(models["eps"], flipped, steps=STEPS)
         image = F.paste(photo, vae.decode(anon["samples"]), faces)
-        F.SaveAnonymized.execute(image, faces, anon, "badinput/anon", True)
+        F.SaveAnonymized.execute(image, faces, anon, "badinput/anon")
     saved = max((work / "output" / "badinput").glob("anon_*.png"), key=lambda p: p.stat().st_mtime_ns)
     shutil.copy(saved, work / "input" / "bi_anon.png")
     return SimpleNamespace(faces=faces, crops=crops, masks=masks, latent=latent, noise=noise, flipped=flipped,
@@ -99,51 +99,94 @@ def put(made, name: str, data: bytes) -> str:
 
 # ------------------------------------------------------------------------------------ the saved file
 
-@case("B01", "PNG without KeyFace metadata (e.g. from Save Image)", "carries no KeyFace metadata")
+def chunk_of(data: bytes) -> tuple[int, int]:
+    """(start, end) of the v2 record chunk kfRC in a PNG's bytes."""
+    at = data.index(b"kfRC") - 4
+    length = int.from_bytes(data[at:at + 4], "big")
+    return at, at + 12 + length
+
+
+def with_chunk(pixels_png: bytes, chunk: bytes) -> bytes:
+    """A PNG's bytes with `chunk` (a whole chunk: length, type, data, CRC) inserted before IEND."""
+    end = pixels_png.rindex(b"IEND") - 4
+    return pixels_png[:end] + chunk + pixels_png[end:]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def record_chunk(payload: bytes) -> bytes:
+    import struct
+    import zlib
+    return struct.pack(">I", len(payload)) + b"kfRC" + payload + struct.pack(">I", zlib.crc32(b"kfRC" + payload))
+
+
+def rewrite(kf, made, name: str, change) -> str:
+    """The saved file with its record decoded, changed by `change(raw_json_doc, arrays)`, re-encoded (valid CRC)."""
+    import json
+    import struct
+    import zlib
+    from safetensors.numpy import load as load_st, save as save_st
+    data = made.saved.read_bytes()
+    start, end = chunk_of(data)
+    raw = zlib.decompress(data[start + 8:end - 4])
+    n = struct.unpack(">I", raw[8:12])[0]
+    doc, arrays = json.loads(raw[12:12 + n]), dict(load_st(raw[12 + n:]))
+    change(doc, arrays)
+    text = json.dumps(doc).encode()
+    payload = zlib.compress(raw[:8] + struct.pack(">I", len(text)) + text + save_st(arrays))
+    return put(made, name, data[:start] + record_chunk(payload) + data[end:])
+
+
+@case("B01", "PNG without KeyFace data (an original photo, or a file from Save Image)",
+      "was not made by Save Anonymized")
 def test_png_without_metadata(kf, made):
     buffer = Image.open(made.saved).convert("RGB")
     buffer.save(made.input / "bi_plain.png")
-    text = expect(kf.errors.MetadataError, "carries no KeyFace metadata", load, kf, "bi_plain.png")
-    assert "Save Anonymized" in text
+    text = expect(kf.errors.MetadataError, "was not made by Save Anonymized", load, kf, "bi_plain.png")
+    assert "lossy" not in text and "copy" not in text          # not a JPEG: no lossy-copy hint
+    expect(kf.errors.MetadataError, "was not made by Save Anonymized", load, kf, "keyface_sample_group.jpg"
+           if False else "bi_plain.png")
 
 
-@case("B02", "Metadata chunk damaged (bytes changed, checksum broken)", "is damaged")
+@case("B02", "Record chunk damaged (bytes changed, checksum broken)", "is damaged")
 def test_damaged_metadata_chunk(kf, made):
     data = bytearray(made.saved.read_bytes())
-    at = data.index(b"iTXtkeyface") + 40
-    data[at] ^= 0xFF
+    start, _ = chunk_of(bytes(data))
+    data[start + 40] ^= 0xFF
     name = put(made, "bi_damaged.png", bytes(data))
     expect(kf.errors.MetadataError, "is damaged", load, kf, name)
 
 
-@case("B03", "Metadata altered with a valid checksum (not a KeyFace record any more)", "missing field(s)")
-def test_altered_metadata_with_valid_crc(kf, made, tmp_path):
-    pixels = np.array(Image.open(made.saved).convert("RGB"))
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt("keyface", '{"format": "keyface", "version": 1, "faces": "nope"}')
-    Image.fromarray(pixels).save(made.input / "bi_altered.png", pnginfo=info)
-    expect(kf.errors.MetadataError, "missing field(s)", load, kf, "bi_altered.png")
+@case("B03", "Record altered with a valid checksum (fields, arrays or compressed bytes)", "is damaged")
+def test_altered_metadata_with_valid_crc(kf, made):
+    data = made.saved.read_bytes()
+    start, end = chunk_of(data)
+    for name, payload in (("bi_garbage.png", b"not zlib at all"), ("bi_truncz.png", data[start + 8:end - 40])):
+        put(made, name, data[:start] + record_chunk(payload) + data[end:])
+        expect(kf.errors.MetadataError, "is damaged", load, kf, name)
+    name = rewrite(kf, made, "bi_field.png", lambda doc, arrays: doc["faces"][0].update(nonce="zz"))
+    expect(kf.errors.MetadataError, "faces.0.nonce", load, kf, name)
+    name = rewrite(kf, made, "bi_array.png", lambda doc, arrays: arrays.pop("faces.0.keyed_noise"))
+    expect(kf.errors.MetadataError, "faces.0.keyed_noise' is missing", load, kf, name)
+    name = rewrite(kf, made, "bi_extra.png", lambda doc, arrays: arrays.update({"faces.0.secret": np.zeros(3)}))
+    expect(kf.errors.MetadataError, "unexpected array", load, kf, name)
 
 
-@case("B04", "Metadata from a newer KeyFace (unknown format version)", "Update the KeyFace node pack")
+@case("B04", "Record from a newer KeyFace (unknown format version)", "Update the KeyFace node pack")
 def test_newer_format_version(kf, made):
-    record = kf.metadata.read_png(made.saved)[1]
-    text = kf.metadata.encode_record(record).replace('"version":1', '"version":99', 1)
-    assert '"version":99' in text
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt("keyface", text)
-    Image.open(made.saved).convert("RGB").save(made.input / "bi_newer.png", pnginfo=info)
-    expect(kf.errors.MetadataError, "Update the KeyFace node pack", load, kf, "bi_newer.png")
+    name = rewrite(kf, made, "bi_newer.png", lambda doc, arrays: doc.update(version=99))
+    expect(kf.errors.MetadataError, "Update the KeyFace node pack", load, kf, name)
 
 
 @case("B05", "Stored settings edited (steps no longer match the stored noise schedule)", "the metadata was edited")
 def test_edited_settings(kf, made):
-    record = kf.metadata.read_png(made.saved)[1]
-    record.settings["steps"] = STEPS + 3
-    pixels = np.array(Image.open(made.saved).convert("RGB"))
-    path = made.input / "bi_steps.png"
-    kf.metadata.write_png_atomic(path, pixels, record, overwrite=True)
-    expect(kf.errors.MetadataError, "the metadata was edited", load, kf, path.name)
+    name = rewrite(kf, made, "bi_steps.png", lambda doc, arrays: doc["inversion"].update(steps=STEPS + 3))
+    expect(kf.errors.MetadataError, "the metadata was edited", load, kf, name)
 
 
 @case("B06", "Truncated or non-image file", "damaged or truncated")
@@ -168,11 +211,11 @@ def test_file_outside_comfy_folders(kf, made):
     assert L.validate_inputs("bi_anon.png") is True
 
 
-@case("B07", "JPEG copy (metadata lost) given alone", "lossy-compressed")
+@case("B07", "JPEG copy (record lost) given alone", "lossy formats drop it")
 def test_jpeg_copy_alone(kf, made):
     Image.open(made.saved).convert("RGB").save(made.input / "bi_copy.jpg", quality=90)
-    text = expect(kf.errors.MetadataError, "lossy-compressed", load, kf, "bi_copy.jpg")
-    assert "metadata" in text
+    text = expect(kf.errors.MetadataError, "lossy formats drop it", load, kf, "bi_copy.jpg")
+    assert "JPEG" in text and "metadata" in text
 
 
 @case("B08", "JPEG copy with the original PNG chosen as metadata: restores, warns", "recompressed with losses")
@@ -184,49 +227,135 @@ def test_jpeg_copy_with_metadata_restores_with_a_warning(kf, tiny, key_pair, mad
     assert "recompressed with losses" in caplog.text and "pixels differ" in caplog.text
     assert "faces themselves restore exactly" in caplog.text
     restored, _ = kf.core_nodes.restore_latent(models["eps"], latent, key_pair[0])
-    assert float((restored["samples"] - made.latent["samples"]).abs().max()) < 1e-4
+    assert torch.equal(restored["samples"], made.latent["samples"])
 
 
-@case("B09", "Resized copy (metadata kept): resampled back, warns", "was resampled back")
+@case("B09", "Resized copy (record kept): resampled back, warns", "was resampled back")
 def test_resized_copy_is_resampled_with_a_warning(kf, made, caplog):
+    data = made.saved.read_bytes()
+    start, end = chunk_of(data)
     with Image.open(made.saved) as im:
-        record_text = im.info["keyface"]
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt("keyface", record_text)
         small = im.convert("RGB").resize((im.width // 2, im.height // 2))
-    small.save(made.input / "bi_small.png", pnginfo=info)
+    put(made, "bi_small.png", with_chunk(png_bytes(small), data[start:end]))
     with caplog.at_level(logging.WARNING):
         image, latent, faces = load(kf, "bi_small.png").args
     assert "was resampled back" in caplog.text
     assert tuple(image.shape[1:3]) == tuple(faces.image_hw) == tuple(made.faces.image_hw)
 
 
-@case("B10", "RGBA or grayscale copy of the PNG: alpha dropped / gray expanded, warns", "alpha channel ignored")
+@case("B10", "RGBA or grayscale copy of the PNG: alpha dropped, warns; gray refused as edited",
+      "alpha channel ignored")
 def test_rgba_and_grayscale_files(kf, made, caplog):
+    data = made.saved.read_bytes()
+    start, end = chunk_of(data)
     with Image.open(made.saved) as im:
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt("keyface", im.info["keyface"])
-        im.convert("RGBA").save(made.input / "bi_rgba.png", pnginfo=info)
-        im.convert("L").save(made.input / "bi_gray.png", pnginfo=info)
+        put(made, "bi_rgba.png", with_chunk(png_bytes(im.convert("RGBA")), data[start:end]))
+        put(made, "bi_gray.png", with_chunk(png_bytes(im.convert("L")), data[start:end]))
     with caplog.at_level(logging.WARNING):
         image, _, _ = load(kf, "bi_rgba.png").args
     assert "alpha channel ignored" in caplog.text and "pixels differ" not in caplog.text
     assert torch.equal(image, as_image(np.array(Image.open(made.saved).convert("RGB"))))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        image, _, _ = load(kf, "bi_gray.png").args
-    assert "converted from grayscale" in caplog.text and "pixels differ" in caplog.text
-    assert image.shape[-1] == 3
+    expect(kf.errors.InputMismatchError, "were edited after it was saved", load, kf, "bi_gray.png")
 
 
-@case("B11", "File saved without the latent payload and no VAE connected", "connect a VAE")
+@case("B11", "Format-v1 file saved without the latent payload and no VAE connected", "connect a VAE")
 def test_no_payload_no_vae(kf, made):
-    record = kf.metadata.read_png(made.saved)[1]
+    from conftest import REPO as repo
+    record = kf.metadata.read_png(repo / "tests" / "fixtures" / "v1" / "anonymized.png")[1]
     for face in record.faces:
         face.payload.clear()
+    pixels = kf.metadata.read_png(repo / "tests" / "fixtures" / "v1" / "anonymized.png")[0]
     path = made.input / "bi_nopayload.png"
-    kf.metadata.write_png_atomic(path, np.array(Image.open(made.saved).convert("RGB")), record, overwrite=True)
+    kf.metadata.write_png_atomic(path, pixels, record, overwrite=True)
     expect(kf.errors.MetadataError, "connect a VAE", load, kf, path.name)
+
+
+@case("B47", "The record of one image placed into the pixels of another", "belongs to another image")
+def test_record_on_other_pixels(kf, made, host):
+    _, work = host
+    data = made.saved.read_bytes()
+    start, end = chunk_of(data)
+    other = Image.open(work / "input" / "keyface_sample_group.jpg").convert("RGB").resize(
+        Image.open(made.saved).size)
+    put(made, "bi_mixed.png", with_chunk(png_bytes(other), data[start:end]))
+    expect(kf.errors.InputMismatchError, "belongs to another image", load, kf, "bi_mixed.png")
+    expect(kf.errors.InputMismatchError, "belongs to another image", load, kf, "bi_mixed.png", allow_altered=True)
+
+
+@case("B48", "Pixels edited after saving (a face or the background retouched)", "enable allow_altered")
+def test_pixels_edited_after_saving(kf, made, caplog):
+    data = made.saved.read_bytes()
+    start, end = chunk_of(data)
+    pixels = np.array(Image.open(made.saved).convert("RGB"))
+    x, y, size = made.faces.faces[0].box
+    pixels[y + size // 2, x + size // 2] ^= 0x10                      # one retouched pixel in the face
+    put(made, "bi_edited.png", with_chunk(png_bytes(Image.fromarray(pixels)), data[start:end]))
+    text = expect(kf.errors.InputMismatchError, "enable allow_altered", load, kf, "bi_edited.png")
+    assert "face(s) [0]" in text
+    with caplog.at_level(logging.WARNING):
+        load(kf, "bi_edited.png", allow_altered=True)
+    assert "pixels differ" in caplog.text
+
+
+@case("B49", "Restore run on an already restored latent (a second Restore chained after the first)",
+      "already restored")
+def test_restore_twice(kf, tiny, key_pair, made):
+    models, _, _ = tiny
+    latent = load(kf, "bi_anon.png").args[1]
+    restored, _ = kf.core_nodes.restore_latent(models["eps"], latent, key_pair[0])
+    expect(kf.errors.InputMismatchError, "already restored", kf.core_nodes.restore_latent, models["eps"], restored,
+           key_pair[0])
+
+
+@case("B50", "Lossless mode without the original photo, VAE or key connected to Save Anonymized",
+      "lossless mode needs")
+def test_lossless_without_inputs(kf, made):
+    before = files_in(made.output)
+    expect(kf.errors.InputMismatchError, "lossless mode needs original, vae, key", kf.face_nodes.SaveAnonymized.execute,
+           made.image, made.faces, made.anon, "badinput/anon", True)
+    assert files_in(made.output) == before
+
+
+@pytest.fixture(scope="module")
+def lossless(host, tiny, kf, key_pair, made, photo):
+    """The same anonymization saved in lossless mode, loaded and restored to the latent."""
+    _, work = host
+    models, vae, _ = tiny
+    F = kf.face_nodes
+    with torch.inference_mode():
+        F.SaveAnonymized.execute(made.image, made.faces, made.anon, "badinput/lossless", True, photo, vae, key_pair[0])
+    saved = max((work / "output" / "badinput").glob("lossless_*.png"), key=lambda p: p.stat().st_mtime_ns)
+    shutil.copy(saved, work / "input" / "bi_lossless.png")
+    return saved
+
+
+@case("B51", "Tampered sealed pixel residual (lossless file)", "tampered")
+def test_tampered_lossless_residual(kf, tiny, key_pair, made, lossless):
+    models, vae, _ = tiny
+    import shutil as _shutil
+    _shutil.copy(lossless, made.saved.parent / "lossless_src.png")
+    made_lossless = SimpleNamespace(saved=lossless, input=made.input)
+
+    def flip_a_byte(doc, arrays):
+        sealed = arrays["faces.0.sealed_pixels"].copy()
+        sealed[20] ^= 1
+        arrays["faces.0.sealed_pixels"] = sealed
+    name = rewrite(kf, made_lossless, "bi_tampered.png", flip_a_byte)
+    image, latent, faces = load(kf, name).args
+    with torch.inference_mode():
+        restored, _ = kf.core_nodes.restore_latent(models["eps"], latent, key_pair[0])
+        expect(kf.errors.KeyFaceError, "tampered", kf.face_nodes.restore_photo_from, image, faces, restored, vae,
+               key_pair[0])
+
+
+@case("B52", "Wrong key given to Restore Photo for a lossless file", "wrong key")
+def test_wrong_key_for_lossless_pixels(kf, tiny, key_pair, made, lossless):
+    models, vae, _ = tiny
+    image, latent, faces = load(kf, "bi_lossless.png").args
+    with torch.inference_mode():
+        restored, _ = kf.core_nodes.restore_latent(models["eps"], latent, key_pair[0])
+        expect(kf.errors.KeyFaceError, "wrong key", kf.face_nodes.restore_photo_from, image, faces, restored, vae,
+               key_pair[1])
 
 
 # ------------------------------------------------------------------------------------ images and masks
@@ -324,10 +453,12 @@ def test_latent_of_wrong_rank(kf, tiny):
 def test_save_latent_of_other_faces(kf, made, host):
     F = kf.face_nodes
     before = files_in(made.output)
+    from dataclasses import replace
+    info = made.anon["keyface"]
     doubled = kf.core_nodes.make_latent(made.anon, torch.cat([made.anon["samples"]] * 2),
-                                        made.anon["keyface"].with_(state=torch.cat([made.anon["keyface"].state] * 2)))
+                                        replace(info, keyed=replace(info.keyed, x=torch.cat([info.keyed.x] * 2))))
     expect(kf.errors.InputMismatchError, "connect the latent of the same crops", F.SaveAnonymized.execute,
-           made.image, made.faces, doubled, "badinput/anon", True)
+           made.image, made.faces, doubled, "badinput/anon")
     assert files_in(made.output) == before
 
 
@@ -336,9 +467,9 @@ def test_save_unflipped(kf, tiny, made):
     models, _, _ = tiny
     before = files_in(made.output)
     with torch.inference_mode():
-        plain, _ = kf.core_nodes.regenerate_latent(models["eps"], made.noise)
+        plain, _ = kf.core_nodes.regenerate_latent(models["eps"], made.noise, steps=STEPS)
     expect(kf.errors.InputMismatchError, "never key-flipped", kf.face_nodes.SaveAnonymized.execute,
-           made.image, made.faces, plain, "badinput/anon", True)
+           made.image, made.faces, plain, "badinput/anon")
     assert files_in(made.output) == before
 
 
@@ -492,7 +623,7 @@ def test_output_folder_not_creatable(kf, made):
     (made.output / "blocked").write_text("a file where the folder should be")
     before = files_in(made.output)
     text = expect(kf.errors.KeyFaceError, "nothing was written", kf.face_nodes.SaveAnonymized.execute,
-                  made.image, made.faces, made.anon, "blocked/anon", True)
+                  made.image, made.faces, made.anon, "blocked/anon")
     assert "output folder" in text
     assert files_in(made.output) == before
 
@@ -502,7 +633,7 @@ def test_prefix_outside_output(kf, made):
     before = files_in(made.output.parent)
     for prefix in ("../escaped/anon", "/anon", "  "):
         expect(kf.errors.KeyFaceError, "inside ComfyUI's output folder", kf.face_nodes.SaveAnonymized.execute,
-               made.image, made.faces, made.anon, prefix, True)
+               made.image, made.faces, made.anon, prefix)
     assert files_in(made.output.parent) == before
 
 
@@ -515,7 +646,7 @@ def test_output_not_writable(kf, made, monkeypatch):
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
     before = files_in(made.output)
     expect(kf.errors.KeyFaceError, "is writable and has free space", kf.face_nodes.SaveAnonymized.execute,
-           made.image, made.faces, made.anon, "badinput/anon", True)
+           made.image, made.faces, made.anon, "badinput/anon")
     assert files_in(made.output) == before
 
 
@@ -528,7 +659,7 @@ def test_interrupt_while_saving(kf, made, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", save_then_stop)
     before = files_in(made.output)
     with pytest.raises(KeyboardInterrupt):
-        kf.face_nodes.SaveAnonymized.execute(made.image, made.faces, made.anon, "badinput/anon", True)
+        kf.face_nodes.SaveAnonymized.execute(made.image, made.faces, made.anon, "badinput/anon")
     monkeypatch.undo()
     assert files_in(made.output) == before  # "no partial file": neither the target nor the temporary file
 
@@ -593,8 +724,8 @@ def test_readme_table_matches_the_tests():
     assert len(CASES) >= 20
 
 
-SETTING_NAMES = ["steps", "scheduler", "method", "cfg", "model_id", "sigmas", "latent_shape", "crop_size",
-                 "latent_scale", "latent_shift", "cond_id", "pixels_sha256"]
+INVERSION_FIELDS = ["steps", "scheduler", "method", "cfg", "sigmas", "model_id", "cond_id", "scramble"]
+RECORD_FIELDS = ["image_size", "pixels_sha256", "look", "crop_size", "render", "latent", "masked", "kdf", "faces"]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=6),
@@ -603,20 +734,24 @@ JSON_VALUES = st.recursive(
 
 
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(name=st.sampled_from(SETTING_NAMES), value=JSON_VALUES, drop=st.booleans())
-def test_fuzz_stored_settings_only_give_keyface_errors(kf, tiny, key_pair, made, name, value, drop):
-    """Any value (or none) in any stored setting: Load Anonymized and Restore either work or raise a KeyFaceError."""
+@given(where=st.sampled_from(["inversion", "record", "face"]), index=st.integers(0, 8), value=JSON_VALUES,
+       drop=st.booleans())
+def test_fuzz_stored_settings_only_give_keyface_errors(kf, tiny, key_pair, made, where, index, value, drop):
+    """Any value (or none) in any stored field: Load Anonymized and Restore either work or raise a KeyFaceError."""
     models, _, _ = tiny
-    record = kf.metadata.read_png(made.saved)[1]
-    if drop:
-        record.settings.pop(name)
-    else:
-        record.settings[name] = value
-    path = made.input / "bi_fuzz.png"
+
+    def change(doc, arrays):
+        target = {"inversion": doc["inversion"], "record": doc, "face": doc["faces"][0]}[where]
+        names = {"inversion": INVERSION_FIELDS, "record": RECORD_FIELDS, "face": sorted(doc["faces"][0])}[where]
+        name = names[index % len(names)]
+        if drop:
+            target.pop(name, None)
+        else:
+            target[name] = value
     try:
-        kf.metadata.write_png_atomic(path, np.array(Image.open(made.saved).convert("RGB")), record, overwrite=True)
+        name = rewrite(kf, made, "bi_fuzz.png", change)
         with torch.inference_mode():
-            _, latent, _ = load(kf, path.name).args
+            _, latent, _ = load(kf, name).args
             kf.core_nodes.restore_latent(models["eps"], latent, key_pair[0])
     except kf.errors.KeyFaceError as err:
         for form in key_forms():

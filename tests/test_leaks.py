@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 
 from conftest import KEY_NAME
-from test_workflows import load_api, run
+from test_workflows import load_api, run, workflow_paths
 
 PASSPHRASE = "correct horse battery staple, 42 times"
 PASS_VAR = "KEYFACE_LEAK_TEST_PASSPHRASE"
 NEAR_KEY_VAR = "KEYFACE_LEAK_TEST_NEAR_KEY"
+CREATED = "leak_test_created"
 
 
 def forms(secret: bytes) -> list[bytes]:
@@ -82,7 +83,7 @@ def scan(host, kf):
     root.setLevel(logging.DEBUG)
     out, err = io.StringIO(), io.StringIO()
     runs, channels = [], {}
-    workflow_json = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "keyface_anonymize.json").read_text())
+    workflow_json = json.loads(workflow_paths("anonymize")[0].read_text())
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             def go(label, prompt, expect_success=True):
@@ -123,6 +124,12 @@ def scan(host, kf):
             missing = load_api("keyface_anonymize")
             next(n for n in missing.values() if n["class_type"] == "KeyFaceLoadKey")["inputs"]["key_file"] = "gone.key"
             go("missing key file", missing, expect_success=False)
+            # A key made in the editor (Create Key), then used: its bytes must not show up anywhere either.
+            go("create key", {"1": {"class_type": "KeyFaceCreateKey", "inputs": {"name": CREATED}}})
+            go("create key again (kept, not overwritten)", {"1": {"class_type": "KeyFaceCreateKey", "inputs": {"name": CREATED}}})
+            made = load_api("keyface_anonymize")
+            next(n for n in made.values() if n["class_type"] == "KeyFaceLoadKey")["inputs"]["key_file"] = CREATED + ".key"
+            go("anonymize with the created key", made)
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
@@ -136,16 +143,19 @@ def scan(host, kf):
                 channels[str(path.relative_to(work))] = path.read_bytes()
 
     key = kf.keys.load_key_file(keys_dir / KEY_NAME)
+    created = kf.keys.load_key_file(keys_dir / f"{CREATED}.key")
     secrets = {"key file bytes": forms(bytes.fromhex(key_hex)),
+               "created key file bytes": forms(bytes.fromhex((keys_dir / f"{CREATED}.key").read_text().strip())),
                "passphrase": [PASSPHRASE.encode(), PASSPHRASE.encode().hex().encode(), base64.b64encode(PASSPHRASE.encode())],
                "key-like variable": [os.environ.get(NEAR_KEY_VAR, key_hex[:-1] + "g").encode()]}
     # Per-face keys derived from the key file and from the passphrase, for every face that was saved.
     passphrase_key = kf.keys.SecretKey(PASSPHRASE.encode(), kind="passphrase", source="test")
     for path in (work / "output").rglob("anonymized_*.png"):
-        record = kf.metadata.read_png(path)[1]
-        for face in record.faces:
-            derived = passphrase_key.image_key(face.nonce, record.kdf) if record.kdf else key.image_key(face.nonce)
-            secrets[f"image key of {path.name} face {face.index}"] = forms(derived)
+        record = kf.pngio.read_png(path)[1]
+        kdf = record.keyed.lock.kdf
+        for index, nonce in zip(record.keyed.faces.face_indices, record.keyed.faces.nonces):
+            derived = [passphrase_key.image_key(nonce, kdf)] if kdf else [key.image_key(nonce), created.image_key(nonce)]
+            secrets[f"image key of {path.name} face {index}"] = [f for d in derived for f in forms(d)]
     return channels, secrets, dict(runs)
 
 
@@ -153,7 +163,8 @@ def test_every_run_happened(scan):
     channels, secrets, runs = scan
     assert runs == {"restore": True, "restore with wrong key": False, "restore with allow_wrong_key": True,
                     "anonymize with passphrase": True, "group": True, "key-like variable that is not a key": False,
-                    "missing key file": False}
+                    "missing key file": False, "create key": True, "create key again (kept, not overwritten)": True,
+                    "anonymize with the created key": True}
     written = [name for name in channels if name.startswith(("output", "temp"))]
     assert any(n.endswith(".latent") for n in written) and any("stock" in n for n in written)
     assert any(n.endswith(".png") and "anonymized" in n for n in written)

@@ -23,7 +23,8 @@ def test_every_node_registers(host):
     expected = {"KeyFaceLoadKey": "Load Key", "KeyFaceInvertToNoise": "Invert to Noise", "KeyFaceApplyKeyFlip": "Apply Key Flip",
                 "KeyFaceRegenerate": "Regenerate", "KeyFaceRestore": "Restore", "KeyFaceFaceMask": "Face Mask",
                 "KeyFaceCropFaces": "Crop Faces", "KeyFacePasteFaces": "Paste Faces",
-                "KeyFaceSaveAnonymized": "Save Anonymized", "KeyFaceLoadAnonymized": "Load Anonymized"}
+                "KeyFaceSaveAnonymized": "Save Anonymized", "KeyFaceLoadAnonymized": "Load Anonymized",
+                "KeyFaceRestorePhoto": "Restore Photo"}
     for node_id, name in expected.items():
         assert node_id in nodes.NODE_CLASS_MAPPINGS
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == name
@@ -36,28 +37,30 @@ def test_exact_restore_and_wrong_key(tiny, kf, key_pair, image_latent, predictio
     C = kf.core_nodes
     noise, inv = C.invert_latent(model, image_latent, 20, "normal", "exact", 1.0)
     anonymized, regen = C.regenerate_latent(model, C.flip_latent(noise, key))
-    restored, calls = C.restore_latent(model, anonymized, key)
+    restored, stats = C.restore_latent(model, anonymized, key)
     wrong, _ = C.restore_latent(model, anonymized, other, allow_wrong_key=True)
     error, wrong_error = rel(restored["samples"], image_latent["samples"]), rel(wrong["samples"], image_latent["samples"])
-    print(f"\n[{prediction}] exact: anonymize calls {inv.model_calls}+{regen.model_calls}, restore calls "
-          f"{calls['invert_calls']}+{calls['regenerate_calls']}, restore error {error:.3g}, wrong key {wrong_error:.3g}, "
+    print(f"\n[{prediction}] v2: anonymize calls {inv.model_calls} invert + {regen.model_calls} draw, restore calls "
+          f"{stats['model_calls']}, restore error {error:.3g}, wrong key {wrong_error:.3g}, "
           f"anonymized differs by {rel(anonymized['samples'], image_latent['samples']):.3g}")
-    assert error <= 1e-4
-    assert wrong_error >= 0.5
+    assert torch.equal(restored["samples"], image_latent["samples"])     # measured: error 0
+    assert stats["verification"].exact is True and stats["model_calls"] == 20  # restore = steps model calls
+    assert wrong_error >= 0.5 and stats["verification"].message().startswith("verified exact")
     assert rel(anonymized["samples"], image_latent["samples"]) >= 0.5
-    assert calls["invert_calls"] + calls["regenerate_calls"] <= 60
 
 
-def test_plain_mode_is_approximate(tiny, kf, key_pair, image_latent):
+@pytest.mark.parametrize("mode", ["plain", "exact_single"])
+def test_other_inversion_modes_restore_approximately_and_say_so(tiny, kf, key_pair, image_latent, mode):
     models, _, _ = tiny
     C = kf.core_nodes
-    errors = {}
-    for mode in ("plain", "exact"):
-        noise, _ = C.invert_latent(models["eps"], image_latent, 20, "normal", mode, 1.0)
-        out, _ = C.regenerate_latent(models["eps"], noise)
-        errors[mode] = rel(out["samples"], image_latent["samples"])
-    print(f"\nround trip without key, 20 steps: plain {errors['plain']:.3g}, exact {errors['exact']:.3g}")
-    assert errors["exact"] <= 1e-6 < errors["plain"]
+    noise, _ = C.invert_latent(models["eps"], image_latent, 10, "normal", mode, 1.0)
+    anonymized, _ = C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]))
+    restored, stats = C.restore_latent(models["eps"], anonymized, key_pair[0])
+    error = rel(restored["samples"], image_latent["samples"])
+    print(f"\n[{mode}] restore error {error:.3g}: {stats['verification'].message()}")
+    assert stats["model_calls"] == 10
+    if stats["verification"].exact is False:
+        assert "differs from the original by" in stats["verification"].message()
 
 
 def test_wrong_key_is_refused_without_opt_in(tiny, kf, key_pair, image_latent):
@@ -70,55 +73,107 @@ def test_wrong_key_is_refused_without_opt_in(tiny, kf, key_pair, image_latent):
     assert "other.key" in str(err.value)
 
 
-def test_flip_is_an_exact_involution(tiny, kf, key_pair, image_latent):
+def test_restore_twice_is_refused(tiny, kf, key_pair, image_latent):
     models, _, _ = tiny
     C = kf.core_nodes
     noise, _ = C.invert_latent(models["eps"], image_latent, 4, "normal", "exact", 1.0)
-    twice = C.flip_latent(C.flip_latent(noise, key_pair[0]), key_pair[0])
-    assert torch.equal(twice["samples"], noise["samples"])
-    assert torch.equal(twice["keyface"].state, noise["keyface"].state)
-    assert torch.equal(twice["keyface"].second, noise["keyface"].second)
-    once = C.flip_latent(noise, key_pair[0])
-    assert 0.4 < float((once["samples"] != noise["samples"]).float().mean()) < 0.6
+    anonymized, _ = C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]))
+    restored, _ = C.restore_latent(models["eps"], anonymized, key_pair[0])
+    with pytest.raises(kf.errors.InputMismatchError, match="already restored"):
+        C.restore_latent(models["eps"], restored, key_pair[0])
 
 
-@pytest.mark.parametrize("mode", ["plain", "exact_single"])
-def test_noise_works_in_stock_ksampler_advanced(host, tiny, kf, image_latent, mode):
-    nodes, _ = host
-    models, _, clip = tiny
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a face"))
+@pytest.mark.parametrize("scramble", ["pairswap", "signflip"])
+def test_flip_is_an_exact_involution(tiny, kf, key_pair, image_latent, scramble):
+    models, _, _ = tiny
     C = kf.core_nodes
-    noise, _ = C.invert_latent(models["eps"], image_latent, 10, "normal", mode, 1.0, positive=cond)
-    ours, _ = C.regenerate_latent(models["eps"], noise, positive=cond)
-    stock = nodes.KSamplerAdvanced().sample(models["eps"], "disable", 0, 10, 1.0, "euler", "normal", cond, cond,
-                                            {"samples": noise["samples"]}, 0, 10000, "disable")[0]
+    noise, _ = C.invert_latent(models["eps"], image_latent, 4, "normal", "exact", 1.0)
+    once = C.flip_latent(noise, key_pair[0], scramble=scramble)
+    twice = C.flip_latent(once, key_pair[0])
+    assert torch.equal(twice["samples"], noise["samples"])
+    assert torch.equal(twice["keyface"].state.x, noise["keyface"].state.x)
+    assert torch.equal(twice["keyface"].state.residual, noise["keyface"].state.residual)
+    assert once["keyface"].state.residual is None and once["keyface"].lock.scramble == scramble
+    changed = float((once["samples"] != noise["samples"]).float().mean())
+    assert 0.4 < changed < 0.6 if scramble == "signflip" else changed > 0.95   # a sign flip keeps half in place
+
+
+SAMPLERS = ["euler", "dpmpp_2m", "uni_pc", "euler_ancestral"]
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_regenerate_equals_stock_sampler_custom_advanced(host, tiny, kf, key_pair, image_latent, sampler_name):
+    """Regenerate is ComfyUI's own sampling: SamplerCustomAdvanced with the same model, conditioning, sigmas, noise
+    (protocol.sampler_start_noise) and latent + noise_mask returns the same latent bit for bit."""
+    nodes, _ = host
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as ncs
+    models, _, clip = tiny
+    model = models["eps"]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a face"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    C, P = kf.core_nodes, kf.protocol
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:88] = 1.0
+    noise, _ = C.invert_latent(model, image_latent, 8, "normal", "exact", 1.0, positive=cond, mask=mask)
+    keyed = C.flip_latent(noise, key_pair[0])
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    ours, _ = C.regenerate_latent(model, keyed, cond, negative, sampler, "karras", 8, 4.0, seed=7)
+    info = keyed["keyface"]
+    sigmas = C.adapter.sigmas_for(model, "karras", 8)
+    start, background = P.sampler_start_noise(info.state.x, info.faces, float(info.settings.sigmas[0]), flow=False,
+                                              max_denoise=C._max_denoise(model, float(sigmas[0])))
+
+    class GivenNoise:
+        seed = 7
+
+        def generate_noise(self, latent):
+            return start.to(torch.float32)
+    guider = ncs.CFGGuider.execute(model, cond, negative, 4.0)[0]
+    latent = {"samples": model.model.latent_format.process_out(background).to(torch.float32),
+              "noise_mask": (info.faces.mask >= 0.5).to(torch.float32)}
+    stock = ncs.SamplerCustomAdvanced.execute(GivenNoise(), guider, sampler, sigmas, latent)[0]
     assert torch.equal(stock["samples"], ours["samples"])
 
 
-def test_mask_holds_the_background_exactly(tiny, kf, key_pair, image_latent):
+def test_mask_holds_the_background_and_restore_is_exact(tiny, kf, key_pair, image_latent):
     models, _, _ = tiny
     C = kf.core_nodes
     mask = torch.zeros(1, 128, 128)
     mask[:, 32:96, 40:88] = 1.0
     noise, _ = C.invert_latent(models["eps"], image_latent, 20, "normal", "exact", 1.0, mask=mask)
     anonymized, _ = C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]))
-    inside = anonymized["keyface"].mask.bool().expand_as(image_latent["samples"])
-    original_state = models["eps"].model.latent_format.process_in(image_latent["samples"].double())
-    assert torch.equal(anonymized["keyface"].state[~inside], original_state[~inside])
+    inside = (anonymized["keyface"].keyed.faces.mask >= 0.5).expand_as(image_latent["samples"])
+    # Outside the mask the draw returns ComfyUI's latent_image (one float32 scale round trip).
+    assert torch.allclose(anonymized["samples"][~inside], image_latent["samples"][~inside], rtol=1e-6, atol=1e-6)
     assert rel(anonymized["samples"][inside], image_latent["samples"][inside]) > 0.5
-    restored, _ = C.restore_latent(models["eps"], anonymized, key_pair[0])
-    assert rel(restored["samples"], image_latent["samples"]) <= 1e-4
+    restored, stats = C.restore_latent(models["eps"], anonymized, key_pair[0])
+    assert torch.equal(restored["samples"], image_latent["samples"]) and stats["verification"].exact
 
 
-def test_other_model_or_prompt_is_refused(tiny, kf, key_pair, image_latent):
+def test_other_model_or_prompt_is_refused_at_restore(tiny, kf, key_pair, image_latent):
     models, _, clip = tiny
     C = kf.core_nodes
     noise, _ = C.invert_latent(models["eps"], image_latent, 4, "normal", "exact", 1.0)
+    anonymized, _ = C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]))
     with pytest.raises(kf.errors.InputMismatchError, match="different model"):
-        C.regenerate_latent(models["v"], noise)
+        C.restore_latent(models["v"], anonymized, key_pair[0])
     other_prompt = clip.encode_from_tokens_scheduled(clip.tokenize("something else"))
     with pytest.raises(kf.errors.InputMismatchError, match="conditioning differs"):
-        C.regenerate_latent(models["eps"], noise, positive=other_prompt)
+        C.restore_latent(models["eps"], anonymized, key_pair[0], positive=other_prompt)
+
+
+def test_the_new_face_may_be_drawn_with_another_prompt_and_cfg(tiny, kf, key_pair, image_latent):
+    """The face is never inverted again, so Regenerate's prompt and cfg are free; Restore uses the inversion's."""
+    models, _, clip = tiny
+    C = kf.core_nodes
+    face_prompt = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a smiling person"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    noise, _ = C.invert_latent(models["eps"], image_latent, 6, "normal", "exact", 1.0)
+    anonymized, _ = C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]), face_prompt, negative,
+                                        None, "karras", 6, 6.0)
+    restored, stats = C.restore_latent(models["eps"], anonymized, key_pair[0])
+    assert torch.equal(restored["samples"], image_latent["samples"]) and stats["model_calls"] == 6
 
 
 def test_interrupt_stops_promptly_and_progress_is_reported(tiny, kf, image_latent):
@@ -163,7 +218,7 @@ def test_live_previews_like_ksampler(tiny, kf, key_pair, image_latent, monkeypat
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total, preview)))
     try:
         noise, _ = C.invert_latent(models["eps"], image_latent, 5, "normal", "exact", 1.0)
-        C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]))
+        C.regenerate_latent(models["eps"], C.flip_latent(noise, key_pair[0]), steps=5)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
     assert [v for v, _, _ in seen] == [1, 2, 3, 4, 5] * 2 and {t for _, t, _ in seen} == {5}
@@ -187,7 +242,7 @@ def test_load_key_reruns_when_the_secret_changes_and_its_cache_key_reveals_nothi
 
 
 def test_every_input_and_output_has_a_tooltip(kf):
-    for module in (kf.core_nodes, kf.face_nodes):
+    for module in (kf.core_nodes, kf.face_nodes, kf.key_nodes):
         for node in module.NODES:
             schema = node.define_schema()
             assert schema.node_id.startswith("KeyFace") and schema.description
@@ -202,48 +257,3 @@ def test_comfyui_reads_the_pack_metadata(host):
     config = extract_node_configuration(str(Path(__file__).resolve().parents[1]))
     assert config is not None and config.project.name == "keyface" and config.project.version
     assert config.tool_comfy.publisher_id == "keyface" and config.tool_comfy.display_name.startswith("KeyFace")
-
-
-def test_exact_residual_is_sealed_not_flipped(tiny, kf, key_pair, image_latent):
-    """Apply Key Flip seals the exact method's residual (the new face starts from zero) and unseals it on the way back;
-    a wrong key unseals nothing, so a wrong-key restore is a clean other face, never NaN."""
-    import numpy as np
-    models, _, _ = tiny
-    C = kf.core_nodes
-    noise, _ = C.invert_latent(models["eps"], image_latent, 6, "normal", "exact", 1.0)
-    residual = noise["keyface"].second
-    assert residual.abs().max() > 0
-    once = C.flip_latent(noise, key_pair[0])
-    info = once["keyface"]
-    assert torch.equal(info.second, torch.zeros_like(residual)) and info.sealed is not None
-    plain_bytes = np.ascontiguousarray(residual[0].numpy(), dtype="<f8").view(np.uint8).reshape(-1)
-    assert info.sealed[0].shape == plain_bytes.shape and np.mean(info.sealed[0] == plain_bytes) < 0.05
-    anonymized, _ = C.regenerate_latent(models["eps"], once)
-    assert anonymized["keyface"].sealed is info.sealed
-    restored, _ = C.restore_latent(models["eps"], anonymized, key_pair[0])
-    assert torch.equal(restored["samples"], image_latent["samples"]) or rel(restored["samples"], image_latent["samples"]) < 1e-6
-    wrong, _ = C.restore_latent(models["eps"], anonymized, key_pair[1], allow_wrong_key=True)
-    assert torch.isfinite(wrong["samples"]).all() and rel(wrong["samples"], image_latent["samples"]) > 0.5
-
-
-def test_images_from_before_sealing_still_restore(tiny, kf, key_pair, image_latent, tmp_path):
-    """An exact-method PNG saved when the residual was flipped (no sealed residual stored) restores exactly."""
-    import numpy as np
-    models, _, _ = tiny
-    C, F, M = kf.core_nodes, kf.face_nodes, kf.metadata
-    noise, _ = C.invert_latent(models["eps"], image_latent, 6, "normal", "exact", 1.0)
-    legacy = C.make_latent(noise, noise["samples"],
-                           noise["keyface"].with_(extra={**noise["keyface"].extra, "legacy_residual": True}))
-    flipped = C.flip_latent(legacy, key_pair[0])
-    assert flipped["keyface"].sealed is None and flipped["keyface"].second.abs().max() > 0
-    anonymized, _ = C.regenerate_latent(models["eps"], flipped)
-    size = 8 * image_latent["samples"].shape[-1]
-    faces = F.FaceSet((size, size), size, (F.FaceRegion(0, (0, 0, size), torch.ones(size, size)),))
-    record = F.build_record(faces, anonymized["keyface"], True)
-    assert "sealed_residual" not in record.faces[0].payload
-    M.write_png_atomic(tmp_path / "legacy.png", np.zeros((size, size, 3), np.uint8), record)
-    _, stored_record, _ = M.read_png(tmp_path / "legacy.png")
-    stored, _, exact = F.record_to_inputs(stored_record, torch.zeros(1, size, size, 3))
-    assert exact and stored["keyface"].extra["legacy_residual"]
-    restored, _ = C.restore_latent(models["eps"], stored, key_pair[0])
-    assert rel(restored["samples"], image_latent["samples"]) < 1e-6

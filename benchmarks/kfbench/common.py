@@ -97,6 +97,43 @@ def checkpoint_models(path: str) -> Models:
     return Models(f"checkpoint {Path(path).name}", model, cond, vae, channels, real=True)
 
 
+def manual_cast_unet(dtype: torch.dtype, seed: int = 0, size: dict | None = None):
+    """The tiny UNet of `tiny_models` with the same float32 weights, computing in `dtype` (ComfyUI's manual_cast).
+
+    The weights are the same seeded float32 tensors, so the model fingerprint matches and Restore runs; only
+    the arithmetic differs (what a restorer whose ComfyUI computes in float16/bfloat16 does)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = tm._unet_config(size or tm.TINY_UNET)
+
+    class TinySD15(comfy.supported_models.SD15):
+        unet_config = {k: config[k] for k in ("context_dim", "model_channels", "use_linear_in_transformer",
+                                              "adm_in_channels", "use_temporal_attention")}
+        unet_extra_config = {"num_heads": config["num_heads"], "num_head_channels": -1}
+
+    model_config = TinySD15(config)
+    model_config.set_inference_dtype(torch.float32, None if dtype == torch.float32 else dtype)
+    base = model_config.get_model({}, device="cpu")
+    tm.seed_parameters(base.diffusion_model, seed)
+    base.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def weight_cast_unet(model_patcher, dtype: torch.dtype):
+    """A copy of the model whose UNet weights are cast to `dtype` (a checkpoint loaded in float16/bfloat16)."""
+    import copy
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    base = copy.deepcopy(model_patcher.model)
+    base.diffusion_model.to(dtype)
+    base.diffusion_model.dtype = dtype
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def count_params(model_patcher) -> int:
     return sum(p.numel() for p in model_patcher.model.diffusion_model.parameters())
 
@@ -249,23 +286,28 @@ def _cpu_name() -> str:
 
 
 def _repo_head() -> str | None:
-    """The checked-out commit, read from .git files (no git process)."""
+    """The checked-out commit, read from .git files (no git process); works in linked worktrees too."""
     git = REPO / ".git"
     try:
+        if git.is_file():  # a linked worktree: ".git" names its git dir, whose "commondir" holds the refs
+            git = (REPO / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = git
+        if (git / "commondir").is_file():
+            common = (git / (git / "commondir").read_text().strip()).resolve()
         head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = head[5:]
-            path = git / ref
-            if path.is_file():
-                return path.read_text().strip()[:12]
-            packed = git / "packed-refs"
-            if packed.is_file():
-                for line in packed.read_text().splitlines():
-                    if line.endswith(" " + ref):
-                        return line.split()[0][:12]
-            return None
-        return head[:12]
-    except OSError:
+        if not head.startswith("ref: "):
+            return head[:12]
+        ref = head[5:]
+        for base in (git, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()[:12]
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0][:12]
+        return None
+    except (OSError, IndexError):
         return None
 
 

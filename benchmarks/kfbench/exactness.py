@@ -1,9 +1,10 @@
-"""Exactness: round-trip errors of each inversion method, model calls, and what the payload buys.
+"""Exactness (format v2): round-trip errors of each inversion method, model calls, Restore's verdict.
 
 Curves run the pure core (keyface_core.sampling) over a pure denoiser (the UNet's
 ``BaseModel.apply_model``, no ComfyUI sampling machinery), so solver settings can be varied
 freely. The per-operation table runs the node functions (Invert to Noise, Apply Key Flip,
-Regenerate, Restore) exactly as the nodes do.
+Regenerate, Restore) exactly as the nodes do. The numerics tables restore with other numerics than
+the anonymizer's (float16/bfloat16, another thread count) and report what Restore's verification says.
 """
 
 from __future__ import annotations
@@ -134,82 +135,197 @@ def curves(models: Models, steps_list, iter_list, tol_list, progress, crop_size:
     return out
 
 
-def _variant(cn, LI, adapter, models: Models, anon: dict, variant: str) -> dict:
-    """The anonymized LATENT as a restorer would hold it under each storage assumption."""
+def _float32_noise(LI, anon: dict) -> dict:
+    """The anonymized LATENT with its stored keyed noise rounded to float32 (what a file storing float32 would hold)."""
+    from dataclasses import replace
     info = LI.info_of(anon)
-    if variant == "payload":
-        return anon
-    if variant == "float32 state + partner":
-        second = None if info.second is None else info.second.to(torch.float32).to(info.second.dtype)
-        return LI.make_latent(anon, anon["samples"], info.with_(state=info.state.to(torch.float32).to(info.state.dtype),
-                                                                 second=second))
-    if variant == "float32 samples only":
-        state = adapter.to_model_space(models.model, anon["samples"], info.state.dtype)
-        return LI.make_latent(anon, anon["samples"], info.with_(state=state, second=None))
-    if variant == "8-bit pixels via VAE":
-        samples = vae_reencode(models, anon["samples"])
-        state = adapter.to_model_space(models.model, samples, info.state.dtype)
-        return LI.make_latent(anon, samples, info.with_(state=state, second=None))
-    raise ValueError(variant)
+    keyed = replace(info.keyed, x=info.keyed.x.to(torch.float32).to(info.keyed.x.dtype))
+    return LI.make_latent(anon, anon["samples"], replace(info, keyed=keyed))
 
 
-def vae_reencode(models: Models, samples: torch.Tensor) -> torch.Tensor:
-    """Decode, round to 8-bit pixels, encode again: what saving the anonymized image as a PNG does."""
-    with torch.no_grad():
-        pixels = models.vae.decode(samples)
-        pixels = (pixels.clamp(0, 1) * 255).round() / 255.0
-        return models.vae.encode(pixels).detach()
+VARIANTS = ("as stored (float64 keyed noise)", "keyed noise rounded to float32")
 
 
-VARIANTS = ("payload", "float32 state + partner", "float32 samples only", "8-bit pixels via VAE")
-
-
-def node_calls_and_payload(models: Models, steps: int, methods, calls_steps, progress, crop_size: int = 128) -> dict:
-    """Anonymize (invert -> flip -> regenerate) and Restore with the node functions, on a masked face
-    latent: model calls per operation and restore error under each payload variant, per method."""
+def node_restore_table(models: Models, steps: int, methods, calls_steps, progress, crop_size: int = 128) -> dict:
+    """Anonymize (Invert to Noise -> Apply Key Flip -> Regenerate) and Restore with the node functions, on a masked
+    face latent: model calls per operation, restore error, Restore's own verdict, per method and steps."""
     cn = pack("nodes.core_nodes")
     LI = pack("nodes.latent_info")
-    adapter = pack("nodes.model_adapter")
     cond = models.cond
     latent, mask = face_latent(models, crop_size)
     key, wrong = new_key("right"), new_key("wrong")
-    original = adapter.to_model_space(models.model, latent["samples"], torch.float64)
     rows, per_steps = [], []
 
     def anonymize(method, n_steps):
         noise, inv = cn.invert_latent(models.model, latent, n_steps, "normal", method, 1.0, cond, cond, mask=mask)
-        anon, reg = cn.regenerate_latent(models.model, cn.flip_latent(noise, key), cond, cond)
-        return anon, inv.model_calls + reg.model_calls
+        anon, reg = cn.regenerate_latent(models.model, cn.flip_latent(noise, key), cond, cond, steps=n_steps)
+        return anon, inv.model_calls, reg.model_calls
 
-    def restore_err(anon, use_key, allow=False):
-        restored, calls = cn.restore_latent(models.model, anon, use_key, cond, cond, allow_wrong_key=allow)
-        state = LI.info_of(restored).state
-        return rel_err(state, original), calls["invert_calls"] + calls["regenerate_calls"]
+    def restore(anon, use_key, allow=False):
+        restored, stats = cn.restore_latent(models.model, anon, use_key, cond, cond, allow_wrong_key=allow)
+        return {"rel_err": rel_err(restored["samples"], latent["samples"]),
+                "bit_exact": bool(torch.equal(restored["samples"], latent["samples"])),
+                "calls": stats["model_calls"], "verification": stats["verification"].message()}
 
     for method in methods:
-        anon, anon_calls = anonymize(method, steps)
-        change = rel_err(LI.info_of(anon).state, original)
-        row = {"method": method, "steps": steps, "anonymize_calls": anon_calls, "anonymized_vs_original": change,
-               "restore": {}}
+        anon, inv_calls, reg_calls = anonymize(method, steps)
+        row = {"method": method, "steps": steps, "invert_calls": inv_calls, "regenerate_calls": reg_calls,
+               "anonymized_vs_original": rel_err(anon["samples"], latent["samples"]), "restore": {}}
         for variant in VARIANTS:
-            if variant == "8-bit pixels via VAE" and models.vae is None:
-                continue
-            err, calls = restore_err(_variant(cn, LI, adapter, models, anon, variant), key)
-            row["restore"][variant] = {"rel_err": err, "calls": calls}
+            held = anon if variant == VARIANTS[0] else _float32_noise(LI, anon)
+            row["restore"][variant] = restore(held, key)
             progress.update(1)
-        err, calls = restore_err(anon, wrong, allow=True)
-        row["wrong_key_restore_rel_err"] = err
+        row["wrong_key"] = restore(anon, wrong, allow=True)
+        progress.update(1)
         rows.append(row)
-    for method in ("exact", "plain"):
+    for method in methods:
         for n_steps in calls_steps:
-            anon, anon_calls = anonymize(method, n_steps)
-            err, calls = restore_err(anon, key)
-            per_steps.append({"method": method, "steps": n_steps, "anonymize_calls": anon_calls, "restore_calls": calls,
-                              "restore_rel_err": err})
+            anon, inv_calls, reg_calls = anonymize(method, n_steps)
+            r = restore(anon, key)
+            per_steps.append({"method": method, "steps": n_steps, "invert_calls": inv_calls,
+                              "regenerate_calls": reg_calls, "restore_calls": r["calls"],
+                              "restore_rel_err": r["rel_err"], "bit_exact": r["bit_exact"],
+                              "verification": r["verification"]})
             progress.update(1)
-    floor = None
-    if models.vae is not None:
-        # Re-encoding alone, no diffusion: the error the pixel path starts from.
-        floor = rel_err(adapter.to_model_space(models.model, vae_reencode(models, latent["samples"]), torch.float64), original)
-    return {"model": models.name, "latent_shape": list(latent["samples"].shape), "vae_reencode_floor_rel_err": floor,
+    return {"model": models.name, "latent_shape": list(latent["samples"].shape),
             "mask_fraction": float((mask >= 0.5).float().mean()), "rows": rows, "calls_vs_steps": per_steps}
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def numerics_tiny(models: Models, steps: int, progress=None, crop_size: int = 128, threads: int = 1,
+                  dtypes=(torch.float16, torch.bfloat16)) -> dict:
+    """Issue 11: what Restore says when the restorer's numerics differ from the anonymizer's.
+
+    Anonymized once with the float32 UNet at `threads` torch threads; restored with: the same (reference),
+    another thread count, the UNet computing in float16 / bfloat16 with the same float32 weights (ComfyUI's
+    manual_cast: the model fingerprint matches, so Restore runs), and the UNet's weights cast to float16 /
+    bfloat16 (a checkpoint loaded in that dtype: another fingerprint, so Restore refuses it as another model;
+    X is then measured with the original's fingerprint lent to it)."""
+    progress = progress if progress is not None else _NoProgress()
+    cn = pack("nodes.core_nodes")
+    adapter = pack("nodes.model_adapter")
+    cond = models.cond
+    latent, mask = face_latent(models, crop_size)
+    key = new_key("numerics")
+    previous = torch.get_num_threads()
+    try:
+        return _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads, dtypes)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _numerics_tiny(models, steps, progress, cn, adapter, cond, latent, mask, key, threads, dtypes) -> dict:
+    from .common import manual_cast_unet, weight_cast_unet
+    torch.set_num_threads(threads)
+    noise, _ = cn.invert_latent(models.model, latent, steps, "normal", "exact", 1.0, cond, cond, mask=mask)
+    anon, _ = cn.regenerate_latent(models.model, cn.flip_latent(noise, key), cond, cond, steps=steps)
+    rows = []
+
+    def restore(label, model, note=""):
+        start = time.perf_counter()
+        try:
+            out, stats = cn.restore_latent(model, anon, key, cond, cond)
+        except Exception as err:  # Restore's refusal is the measurement here
+            rows.append({"restorer": label, "refused": f"{type(err).__name__}: {err}", "note": note})
+            return
+        v = stats["verification"]
+        rows.append({"restorer": label, "message": v.message(), "exact": v.exact,
+                     "relative_error": v.relative_error, "max_abs_error": v.max_abs_error, "ulps": v.ulps,
+                     "differing": v.differing, "values": v.values, "model_calls": stats["model_calls"],
+                     "rel_err_vs_original": rel_err(out["samples"], latent["samples"]),
+                     "seconds": time.perf_counter() - start, "note": note})
+
+    restore(f"float32 UNet, {threads} thread(s) (as anonymized)", models.model)
+    progress.update(1)
+    other = 2 if threads != 2 else 1
+    torch.set_num_threads(other)
+    try:
+        restore(f"float32 UNet, {other} threads", models.model)
+    finally:
+        torch.set_num_threads(threads)
+    progress.update(1)
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        restore(f"UNet computing in {name} (manual_cast, float32 weights)", manual_cast_unet(dtype))
+        progress.update(1)
+        cast = weight_cast_unet(models.model, dtype)
+        restore(f"UNet weights cast to {name}", cast, "Restore's model check")
+        # Lend the float32 model's fingerprint to measure what the numerics alone do.
+        adapter._identity_cache[cast.model] = ((cast.patches_uuid, tuple(sorted(cast.patches))),
+                                               adapter.model_identity(models.model))
+        restore(f"UNet weights cast to {name}, fingerprint check bypassed", cast, "measurement only")
+        progress.update(1)
+    return {"model": models.name, "steps": steps, "latent_shape": list(latent["samples"].shape),
+            "mask_fraction": float((mask >= 0.5).float().mean()), "rows": rows}
+
+
+def numerics_analytic(n: int, steps: int, progress=None, threads: int = 1) -> dict:
+    """The same question on the analytic model (kfbench/analytic.py's Gaussian mixture, exact float64 denoiser):
+    anonymize with the float64 denoiser, restore with it computed at lower precision. As ComfyUI casts a model's
+    input and output, the scaled input x/sqrt(1+sigma^2) and the predicted noise are rounded to the dtype (the
+    mixture's own arithmetic stays float64, so this is a lower bound on what a float16 model does)."""
+    import hashlib
+    from . import analytic as A
+    protocol = pack("keyface_core.protocol")
+    keys = pack("keyface_core.keys")
+    gmm = A.GaussianMixture.faces_like()
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.arange(n) % gmm.k
+    x0 = gmm.sample(ids, gen).to(torch.float64)
+    sigmas = A.normal_sigmas(steps)
+    mask = A.face_ellipse(gmm.shape).expand(n, 1, *gmm.shape[-2:]).to(torch.float32)
+    nonces = tuple(hashlib.sha256(b"keyface-bench/numerics/" + bytes([i])).digest()[:16] for i in range(n))
+    faces = protocol.FaceBatch(nonces, tuple(range(n)), mask, protocol.public_background(x0, mask))
+    key = keys.SecretKey(hashlib.sha256(b"keyface-bench/numerics/key").digest(), kind="key", source="numerics bench")
+    previous = torch.get_num_threads()
+    try:
+        return _numerics_analytic(gmm, x0, ids, sigmas, mask, faces, key, n, steps, progress, threads, protocol)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _numerics_analytic(gmm, x0, ids, sigmas, mask, faces, key, n, steps, progress, threads, protocol) -> dict:
+    torch.set_num_threads(threads)
+    noise = protocol.invert(gmm.denoise, x0, sigmas, faces, method="exact")
+    keyed = protocol.lock(noise, x0, faces, key)
+
+    def lowered(dtype):
+        def denoise(x, sigma):
+            s = float(sigma)
+            c_in = (1.0 + s * s) ** 0.5
+            xin = (x / c_in).to(dtype).to(torch.float64) * c_in
+            denoised = gmm.denoise(xin, sigma)
+            if s == 0:
+                return denoised.to(dtype).to(torch.float64)
+            eps = ((xin - denoised) / s).to(dtype).to(torch.float64)
+            return x - s * eps
+        return denoise
+
+    rows = []
+
+    def restore(label, denoise):
+        restored = protocol.retrace(denoise, protocol.unlock(keyed, key), sigmas, faces, method="exact")
+        v = protocol.verify(restored, keyed, key)
+        m = gmm.metrics(restored.to(torch.float64))
+        rows.append({"restorer": label, "message": v.message(), "exact": v.exact, "relative_error": v.relative_error,
+                     "max_abs_error": v.max_abs_error, "ulps": v.ulps, "differing": v.differing, "values": v.values,
+                     "rel_err_vs_original": rel_err(restored, x0),
+                     "identity_recovered": float((m["nearest"] == ids).to(torch.float64).mean())})
+        if progress is not None:
+            progress.update(1)
+
+    restore(f"float64 denoiser, {threads} thread(s) (as anonymized)", gmm.denoise)
+    other = 2 if threads != 2 else 1
+    torch.set_num_threads(other)
+    try:
+        restore(f"float64 denoiser, {other} threads", gmm.denoise)
+    finally:
+        torch.set_num_threads(threads)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        restore(f"input and output in {str(dtype).replace('torch.', '')}", lowered(dtype))
+    return {"samples": n, "steps": steps, "shape": list(gmm.shape), "mask_fraction": float((mask >= 0.5).float().mean()),
+            "rows": rows}

@@ -1,14 +1,17 @@
-"""Identity and quality harness: the paper's table on a folder of face photos.
+"""Identity and quality harness (format v2): the paper's table on a folder of face photos.
 
-For every photo: anonymize all faces (whole-photo path), save the KeyFace PNG and load it back,
-restore with the right key (with the latent payload, and from pixels without it), and with a
-wrong key. Measured per face, with dlib's 128-d descriptor (distance < 0.6 = same person):
+For every photo: anonymize all faces (whole-photo path), save the KeyFace PNG twice (lossless off and on) and
+load each back, Restore -> Restore Photo with the right key, and with a wrong key. Measured per face, with
+dlib's 128-d descriptor (distance < 0.6 = same person):
 
 * identity distance original<->anonymized, original<->restored, original<->wrong-key restore;
 * true-accept rate at 0.6 (share of faces the recognizer still matches to the original);
 * face-detection rate on the anonymized (and restored) photos, inside each face's crop box;
-* PSNR / SSIM of the restored face crop box vs the original, and vs the VAE ceiling (the original
-  crop through VAE encode/decode, pasted the same way: the best any latent-exact restore can do).
+* PSNR / SSIM of the restored face crop box vs the original;
+* the restored photo vs the **ideal** (the original photo with VAE decode(original latent) pasted through the
+  same masks, issue 11): max and mean gray-level difference, lossless off (target ≤ 1) and on (target: the
+  original itself, difference 0);
+* what Restore and Restore Photo report.
 
 Before any of it, the recognizer itself is checked on the folder: same-identity pairs must match
 and different identities must not.
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from .common import REPO, Models, new_key, pack, psnr, ssim
-from .photo import anonymize_photo, load_image, restore_photo, save_and_load, to_uint8
+from .photo import anonymize_photo, ideal_photo, load_image, restore_photo, save_and_load, to_uint8
 
 THRESHOLD = 0.6
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -138,22 +141,35 @@ def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int,
     for path in photos:
         rec = originals[path.name]
         image, u8 = rec["image"], rec["u8"]
-        anon, faces, anon_latent, anon_calls = anonymize_photo(models, image, key, steps, mode, crop_size)
-        loaded, latent, faces_l, exact, size = save_and_load(models, anon, faces, anon_latent, True, out_dir, path.stem)
-        restored, _, restore_calls = restore_photo(models, loaded, latent, faces_l, key)
-        wrong_img, _, _ = restore_photo(models, loaded, latent, faces_l, wrong, allow_wrong_key=True)
-        loaded_px, latent_px, faces_px, _, size_px = save_and_load(models, anon, faces, anon_latent, False, out_dir,
-                                                                   path.stem + "_nopayload")
-        restored_px, _, _ = restore_photo(models, loaded_px, latent_px, faces_px, key)
-        # The VAE ceiling: the original crops through encode/decode, pasted into the anonymized photo.
-        crops, _, _ = FN.crop(image, faces)
-        with torch.no_grad():
-            ceiling_crops = models.vae.decode(models.vae.encode(crops[..., :3])).detach()
-        ceiling = FN.paste(loaded, ceiling_crops, faces_l)
+        anon, faces, anon_latent, original_latent, anon_calls = anonymize_photo(models, image, key, steps, mode,
+                                                                                crop_size)
+        loaded, latent, faces_l, size, _, warn = save_and_load(models, anon, faces, anon_latent, out_dir, path.stem)
+        restored, _, stats, report = restore_photo(models, loaded, latent, faces_l, key)
+        wrong_img, _, wrong_stats, _ = restore_photo(models, loaded, latent, faces_l, wrong, allow_wrong_key=True)
+        loaded_ll, latent_ll, faces_ll, size_ll, sealed, warn_ll = save_and_load(
+            models, anon, faces, anon_latent, out_dir, path.stem + "_lossless", lossless=True, original=image, key=key)
+        restored_ll, _, _, report_ll = restore_photo(models, loaded_ll, latent_ll, faces_ll, key, lossless_key=key)
+        ideal = ideal_photo(models, image, original_latent, faces)
         images = {"anonymized": to_uint8(loaded), "restored": to_uint8(restored), "wrong_key": to_uint8(wrong_img),
-                  "restored_from_pixels": to_uint8(restored_px), "vae_ceiling": to_uint8(ceiling)}
+                  "restored_lossless": to_uint8(restored_ll)}
+        box_mask = np.zeros(u8.shape[:2], bool)
+        for region in faces.faces:
+            x, y, s = region.box
+            box_mask[y:y + s, x:x + s] = True
+        vs_ideal = {}
+        for name, target in (("restored", ideal), ("restored_lossless", ideal), ("restored_vs_original", u8),
+                             ("restored_lossless_vs_original", u8)):
+            mine = images[name.replace("_vs_original", "")]
+            diff = np.abs(mine.astype(np.int16) - target.astype(np.int16))
+            vs_ideal[name] = {"max": int(diff.max()), "mean_in_boxes": float(diff[box_mask].mean()),
+                              "differing_pixels": int((diff.max(axis=-1) > 0).sum())}
         per_photo.append({"photo": path.name, "faces": len(faces.faces), "anonymize_calls": anon_calls,
-                          "restore_calls": restore_calls, "png_bytes_payload": size, "png_bytes_no_payload": size_px})
+                          "restore_calls": stats["model_calls"], "png_bytes": size, "png_bytes_lossless": size_ll,
+                          "sealed_bytes_per_face": sealed, "restore_report": report,
+                          "restore_report_lossless": report_ll,
+                          "wrong_key_report": wrong_stats["verification"].message(),
+                          "load_warnings": warn + warn_ll, "vs_ideal": vs_ideal,
+                          "restored_latent_exact": bool(stats["verification"].exact)})
         for region in faces.faces:
             x, y, s = region.box
             # The original detection this crop was made from (same detector, same image).
@@ -162,13 +178,14 @@ def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int,
                       + (centre(rec["detections"][i])[1] - (y + s / 2)) ** 2)
             det, ref = rec["detections"][idx], rec["descriptors"][idx]
             row = {"photo": path.name, "face": region.index, "label": rec["label"], "crop_box": list(region.box)}
-            for name in ("anonymized", "restored", "wrong_key", "restored_from_pixels"):
+            for name in ("anonymized", "restored", "wrong_key", "restored_lossless"):
                 row[name] = _probe(images[name], region.box, det.box, ref)
             window = lambda arr: arr[y:y + s, x:x + s]
-            for name in ("anonymized", "restored", "restored_from_pixels", "vae_ceiling"):
+            for name in ("anonymized", "restored", "restored_lossless"):
                 row[f"psnr_{name}"] = psnr(window(images[name]), window(u8))
                 row[f"ssim_{name}"] = ssim(window(images[name]), window(u8))
-            row["psnr_restored_vs_ceiling"] = psnr(window(images["restored"]), window(images["vae_ceiling"]))
+            row["psnr_ideal"] = psnr(window(ideal), window(u8))
+            row["psnr_restored_vs_ideal"] = psnr(window(images["restored"]), window(ideal))
             faces_out.append(row)
         progress.update(1)
 
@@ -185,19 +202,24 @@ def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int,
         return sum(values) / len(values) if values else None
 
     summary = {"faces": len(faces_out), "photos": len(photos)}
-    for name in ("anonymized", "restored", "restored_from_pixels", "wrong_key"):
+    for name in ("anonymized", "restored", "restored_lossless", "wrong_key"):
         dists = [r[name]["distance"] for r in faces_out]
         summary[name] = {"mean_distance": mean(dists), "median_distance": statistics.median(dists) if dists else None,
                          "true_accept_rate": tar(name), "detection_rate": rate(name, "detected")}
-    for name in ("anonymized", "restored", "restored_from_pixels", "vae_ceiling"):
+    for name in ("anonymized", "restored", "restored_lossless", "ideal"):
         summary[f"psnr_{name}"] = mean([r[f"psnr_{name}"] for r in faces_out])
-        summary[f"ssim_{name}"] = mean([r[f"ssim_{name}"] for r in faces_out])
         summary[f"psnr_{name}_infinite"] = sum(1 for r in faces_out if r[f"psnr_{name}"] == float("inf"))
-    vs = [r["psnr_restored_vs_ceiling"] for r in faces_out]
-    summary["psnr_restored_vs_ceiling"] = mean(vs)
-    summary["psnr_restored_vs_ceiling_infinite"] = sum(1 for v in vs if v == float("inf"))
+        if name != "ideal":
+            summary[f"ssim_{name}"] = mean([r[f"ssim_{name}"] for r in faces_out])
+    for name in ("restored", "restored_lossless", "restored_vs_original", "restored_lossless_vs_original"):
+        summary[f"{name}_max_diff"] = max((p["vs_ideal"][name]["max"] for p in per_photo), default=None)
+        summary[f"{name}_mean_diff_in_boxes"] = mean([p["vs_ideal"][name]["mean_in_boxes"] for p in per_photo])
+    summary["latents_verified_exact"] = sum(p["restored_latent_exact"] for p in per_photo)
+    summary["lossless_verified"] = sum("keyed digest verified" in p["restore_report_lossless"] for p in per_photo)
     summary["anonymize_calls_per_photo"] = mean([p["anonymize_calls"] for p in per_photo])
     summary["restore_calls_per_photo"] = mean([p["restore_calls"] for p in per_photo])
+    summary["lossless_png_bytes_added_per_face"] = mean(
+        [(p["png_bytes_lossless"] - p["png_bytes"]) / p["faces"] for p in per_photo])
     return {"model": models.name, "real_checkpoint": models.real, "folder": os.path.relpath(folder, REPO), "steps": steps, "mode": mode,
             "crop_size": crop_size, "threshold": THRESHOLD, "recognizer_check": check, "summary": summary,
             "per_face": faces_out, "per_photo": per_photo}

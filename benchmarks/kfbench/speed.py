@@ -1,11 +1,12 @@
-"""Speed, as ratios measured side by side on the same seeded model and input.
+"""Speed, as ratios measured side by side on the same seeded model and input (format v2).
 
-* Regenerate (KeyFace node function) vs ComfyUI's KSampler (euler, same steps, add-noise off).
+* Regenerate (KeyFace node function, KSamplerSelect("euler")) vs ComfyUI's KSampler (euler, same steps, add-noise
+  off) from the same keyed noise: the same sampler, so the ratio is what KeyFace adds around it.
+* Restore (unscramble + retrace, `steps` model calls, keyed-digest check) vs the same KSampler run.
 * Invert to Noise (plain) vs the stock unsampling route: BasicScheduler + FlipSigmas + KSamplerSelect
-  (euler) + SamplerCustom, all ComfyUI's own node classes.
-* exact / exact_single vs plain inversion.
+  (euler) + SamplerCustom, all ComfyUI's own node classes; exact / exact_single vs plain inversion.
 * Share of wall time outside UNet calls (a timing model_function_wrapper around every UNet call).
-* A batch of N faces vs N single runs (anonymize = invert + flip + regenerate, exact, masked).
+* A batch of N faces vs N single runs (anonymize = invert + key flip + Regenerate, exact, masked).
 """
 
 from __future__ import annotations
@@ -32,10 +33,23 @@ def _stock_unsample(model, cond, steps: int, latent: dict) -> dict:
     return SamplerCustom.execute(model, False, 0, 1.0, cond, cond, sampler, flipped, latent).result[0]
 
 
-def _ksampler(model, cond, steps: int, latent: dict) -> dict:
+def _ksampler(model, cond, steps: int, latent: dict, sampler: str = "euler") -> dict:
     nodes = comfy_host.boot()
-    return nodes.common_ksampler(model, 0, steps, 1.0, "euler", "normal", cond, cond,
+    return nodes.common_ksampler(model, 0, steps, 1.0, sampler, "normal", cond, cond,
                                  {"samples": latent["samples"]}, disable_noise=True)[0]
+
+
+def _euler():
+    from comfy_extras.nodes_custom_sampler import KSamplerSelect
+    return KSamplerSelect.execute("euler").result[0]
+
+
+def _round_trip(cn, model, cond, latent: dict, steps: int, method: str, key) -> float:
+    """Invert to Noise (method) -> Apply Key Flip -> Regenerate -> Restore: the restored latent's relative error."""
+    noise, _ = cn.invert_latent(model, latent, steps, "normal", method, 1.0, cond, cond)
+    anon, _ = cn.regenerate_latent(model, cn.flip_latent(noise, key), cond, cond)
+    restored, _ = cn.restore_latent(model, anon, key, cond, cond)
+    return rel_err(restored["samples"], latent["samples"])
 
 
 def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, exact_single_reps: int = 1,
@@ -43,10 +57,13 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
     """Time the node operations against ComfyUI's stock routes; every run also records model time."""
     cn = pack("nodes.core_nodes")
     cond = models.cond
+    key = new_key()
     timed, timer = timed_clone(models.model)
     latent = _clean_latent(models, shape)
-    noise_plain, _ = cn.invert_latent(models.model, latent, steps, "normal", "plain", 1.0, cond, cond)
     noise_exact, _ = cn.invert_latent(models.model, latent, steps, "normal", "exact", 1.0, cond, cond)
+    keyed = cn.flip_latent(noise_exact, key)
+    anonymized, _ = cn.regenerate_latent(models.model, keyed, cond, cond)
+    euler = _euler()
     last = {}
 
     def keep(name, fn):
@@ -55,9 +72,10 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
         return run
 
     runs = {
-        "ksampler": keep("ksampler", lambda: _ksampler(timed, cond, steps, noise_plain)),
-        "regenerate_plain": keep("regenerate_plain", lambda: cn.regenerate_latent(timed, noise_plain, cond, cond)[0]),
-        "regenerate_exact": keep("regenerate_exact", lambda: cn.regenerate_latent(timed, noise_exact, cond, cond)[0]),
+        "ksampler": keep("ksampler", lambda: _ksampler(timed, cond, steps, keyed)),
+        "regenerate": keep("regenerate", lambda: cn.regenerate_latent(timed, keyed, cond, cond, euler, "normal",
+                                                                       steps, 1.0)[0]),
+        "restore": keep("restore", lambda: cn.restore_latent(timed, anonymized, key, cond, cond)),
         "stock_unsample": keep("stock_unsample", lambda: _stock_unsample(timed, cond, steps, latent)),
         "invert_plain": keep("invert_plain", lambda: cn.invert_latent(timed, latent, steps, "normal", "plain", 1.0, cond, cond)[0]),
         "invert_exact": keep("invert_exact", lambda: cn.invert_latent(timed, latent, steps, "normal", "exact", 1.0, cond, cond)[0]),
@@ -71,18 +89,19 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
             timed, latent, steps, "normal", "exact_single", 1.0, cond, cond)[0])}
         timings.update(compare(runs_single, exact_single_reps, timer, progress, warmup=False))
 
-    # Round-trip accuracy of the routes just timed (each output regenerated once with its partner route).
     model = models.model
-    round_trip = {} if not check_round_trip else {
-        "plain (Invert to Noise plain -> Regenerate)": rel_err(cn.regenerate_latent(model, last["invert_plain"], cond, cond)[0]["samples"], latent["samples"]),
-        "exact (Invert to Noise exact -> Regenerate)": rel_err(cn.regenerate_latent(model, last["invert_exact"], cond, cond)[0]["samples"], latent["samples"]),
-        "stock (FlipSigmas+SamplerCustom -> KSampler)": rel_err(_ksampler(model, cond, steps, last["stock_unsample"])["samples"], latent["samples"]),
-    }
-    if check_round_trip and "invert_exact_single" in last:
-        round_trip["exact_single (Invert to Noise exact_single -> KSampler euler)"] = rel_err(
-            _ksampler(model, cond, steps, last["invert_exact_single"])["samples"], latent["samples"])
-    # Regenerate plain and KSampler run the same Euler steps: their outputs should agree to float rounding.
-    same_output = rel_err(last["regenerate_plain"]["samples"], last["ksampler"]["samples"])
+    round_trip = {}
+    if check_round_trip:
+        # What each inversion method gives back through the v2 restore (unscramble + retrace of its own noise).
+        for method in ("exact", "exact_single", "plain"):
+            round_trip[f"{method} (Invert to Noise -> Key Flip -> Regenerate -> Restore)"] = _round_trip(
+                cn, model, cond, latent, steps, method, key)
+        round_trip["stock (FlipSigmas+SamplerCustom -> KSampler euler)"] = rel_err(
+            _ksampler(model, cond, steps, last["stock_unsample"])["samples"], latent["samples"])
+    # Regenerate (euler) and KSampler (euler) start from the same keyed noise and run the same sampler.
+    same_output = rel_err(last["regenerate"]["samples"], last["ksampler"]["samples"])
+    restore_out, restore_stats = last["restore"]
+    restore_exact = bool(torch.equal(restore_out["samples"], latent["samples"]))
 
     # KeyFace's fixed per-operation costs that KSampler does not have.
     import time as _time
@@ -97,29 +116,30 @@ def speed_ratios(models: Models, shape: tuple, steps: int, reps: int, progress, 
     cond_id_s = (_time.perf_counter() - start) / 3
     t = {k: v.as_dict() for k, v in timings.items()}
     med = {k: v.median for k, v in timings.items()}
-    ratios = {
-        "regenerate_plain / ksampler": med["regenerate_plain"] / med["ksampler"],
-        "regenerate_exact / ksampler": med["regenerate_exact"] / med["ksampler"],
-        "invert_plain / stock_unsample": med["invert_plain"] / med["stock_unsample"],
-        "invert_exact / invert_plain": med["invert_exact"] / med["invert_plain"],
+    pairs = {
+        "regenerate / ksampler": ("regenerate", "ksampler"),
+        "restore / ksampler": ("restore", "ksampler"),
+        "invert_plain / stock_unsample": ("invert_plain", "stock_unsample"),
+        "invert_exact / invert_plain": ("invert_exact", "invert_plain"),
+        "invert_exact_single / invert_plain": ("invert_exact_single", "invert_plain"),
     }
-    if "invert_exact_single" in med:
-        ratios["invert_exact_single / invert_plain"] = med["invert_exact_single"] / med["invert_plain"]
+    ratios = {name: med[a] / med[b] for name, (a, b) in pairs.items() if a in med and b in med}
+    # Per-round ratios (the variants run round-robin, so each round's pair shares the machine's load).
+    spread = {name: [wa / wb for wa, wb in zip(timings[a].wall, timings[b].wall)]
+              for name, (a, b) in pairs.items() if a in timings and b in timings and len(timings[a].wall) == len(timings[b].wall)}
     # Non-model seconds per run (median), and the ratios again with the model-call jitter pooled out:
     # every variant calls the same model on the same shapes, so each run is re-estimated as
     # calls x (median seconds per model call over all runs) + its own median non-model seconds.
     non_model = {k: statistics.median(w - m for w, m in zip(v.wall, v.model)) for k, v in timings.items()}
     per_call = statistics.median(m / c for v in timings.values() for m, c in zip(v.model, v.calls) if c)
     est = {k: timings[k].calls[0] * per_call + non_model[k] for k in timings}
-    pooled = {name: est[a] / est[b] for name, (a, b) in (
-        ("regenerate_plain / ksampler", ("regenerate_plain", "ksampler")),
-        ("regenerate_exact / ksampler", ("regenerate_exact", "ksampler")),
-        ("invert_plain / stock_unsample", ("invert_plain", "stock_unsample")),
-        ("invert_exact / invert_plain", ("invert_exact", "invert_plain")),
-        ("invert_exact_single / invert_plain", ("invert_exact_single", "invert_plain"))) if a in est and b in est}
+    pooled = {name: est[a] / est[b] for name, (a, b) in pairs.items() if a in est and b in est}
     return {"model": models.name, "latent_shape": list(shape), "steps": steps, "reps": reps, "timings": t,
-            "ratios": ratios, "ratios_pooled": pooled, "model_s_per_call": per_call, "non_model_s": non_model, "round_trip_rel_err": round_trip,
-            "regenerate_plain_vs_ksampler_rel_diff": same_output,
+            "ratios": ratios, "ratios_per_round": spread, "ratios_pooled": pooled, "model_s_per_call": per_call,
+            "non_model_s": non_model, "round_trip_rel_err": round_trip,
+            "regenerate_vs_ksampler_rel_diff": same_output,
+            "restore_calls": restore_stats["model_calls"], "restore_exact": restore_exact,
+            "restore_verification": restore_stats["verification"].message(),
             "fixed_costs_s": {"model_identity": identity_s, "conditioning_id": cond_id_s}}
 
 
