@@ -228,7 +228,7 @@ def bench_kill_resume(work: Path, steps: int, crop: int) -> dict:
                               "--model", "dev:comfy-tiny")
     rreport = json.loads((work / "faces14_restored.keyface-report.json").read_text())
     return {"photos": count, "killed_after_outputs": len(before), "left_by_the_kill": leftovers,
-            "resume_exit": done.returncode, "resume_summary": done.stderr.strip().splitlines()[-1],
+            "resume_exit": done.returncode, "resume_summary": done.stderr.strip().splitlines()[-1].replace(str(work), "<tmp>"),   # no machine paths
             "report_rows": len(report["images"]), "statuses": statuses,
             "faces": sum(r["faces"] or 0 for r in report["images"]),
             "restore_exit": restored.returncode, "restored": len(rreport["images"]),

@@ -509,6 +509,14 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _shown(path: Path) -> str:
+    """The output folder relative to the repo when inside it: results files carry no machine paths."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return path.name
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=64, help="samples per quality row (default 64)")
@@ -524,7 +532,7 @@ def main(argv=None) -> int:
     gmm = A.GaussianMixture.faces_like(k=8)
     n, trials = (16, 512) if args.quick else (args.samples, args.trials)
     grids = (("normal", 20),) if args.quick else GRIDS
-    res = {"k": gmm.k, "settings": vars(args) | {"out": str(args.out)}, "grids": [list(g) for g in grids]}
+    res = {"k": gmm.k, "settings": vars(args) | {"out": _shown(args.out)}, "grids": [list(g) for g in grids]}
     res["quality"] = quality(comfy, gmm, n, grids)
     res["cfg"] = cfg_effect(comfy, gmm, n)
     gmm32 = A.GaussianMixture.faces_like(k=32)

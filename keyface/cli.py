@@ -299,8 +299,8 @@ def paper(ctx):
         try:
             from keyface_core import paper_setting   # if the function moves into the core
         except ImportError:
-            _fail("the paper setting needs the diffusers backend (keyface[diffusers]) and benchmarks/paper_setting.py, "
-                  "which this installation does not have.", EXIT_USAGE)
+            _fail("the paper setting needs the diffusers backend and benchmarks/paper_setting.py, which this version "
+                  "of KeyFace does not include yet.", EXIT_USAGE)
     args = list(ctx.args)
     if "--help-setting" in args:
         args = ["--help"]

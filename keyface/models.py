@@ -54,8 +54,10 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32"):
     try:
         from keyface_core.backends import diffusers as backend
     except ImportError as err:
-        raise ModelLoadError(f"loading {spec!r} needs the diffusers backend ({err}); install it with "
-                             "`pip install 'keyface[diffusers]'`.") from None
+        # The backend module is not shipped yet (issue 12 part A): say so plainly instead of pointing at an extra.
+        raise ModelLoadError(f"loading {spec!r} needs the diffusers backend, which this version of KeyFace does not "
+                             "include yet; anonymize in ComfyUI with the KeyFace nodes, or use a dev model "
+                             "(dev:tiny, dev:comfy-tiny, dev:comfy-sd15) to try the command line.") from None
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise InputMismatchError(f"unknown --dtype {dtype!r}; choose float32, float16 or bfloat16.")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import InputMismatchError, KeyFaceError, MetadataError
 
@@ -779,11 +779,12 @@ def _decode_pixels(source: Path, data: bytes) -> tuple[np.ndarray, str, str, lis
             if getattr(img, "n_frames", 1) > 1:
                 notes.append(f"image has {img.n_frames} frames; only the first is used")
             orientation = _exif_orientation(img)
-            if orientation not in (None, 1):
-                notes.append(
-                    f"image has EXIF orientation {orientation}; ignored, pixels are as stored"
-                )
             img.load()
+            if orientation not in (None, 1):
+                # As ComfyUI's LoadImage does: a phone or photo app re-saved the copy with its pixels stored
+                # turned and a tag saying how to show them; what the user sees (and what was saved) is upright.
+                img = ImageOps.exif_transpose(img)
+                notes.append(f"image has EXIF orientation {orientation}; turned upright as ComfyUI's LoadImage does")
             pixels = _to_rgb8(img, notes)
     except Image.UnidentifiedImageError:
         raise KeyFaceError(

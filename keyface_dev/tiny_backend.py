@@ -32,34 +32,10 @@ def _discrete_sigmas() -> torch.Tensor:
 
 
 def schedule(steps: int, scheduler: str) -> torch.Tensor:
-    """float32 sigmas descending to 0, the way ComfyUI computes them for a discrete eps model."""
-    if steps < 1:
-        raise ValueError("steps must be at least 1")
-    table = _discrete_sigmas()
-    log_table = table.log()
-    sigma_min, sigma_max = float(table[0]), float(table[-1])
-
-    def sigma_at(t: torch.Tensor) -> torch.Tensor:   # k-diffusion DiscreteSchedule.t_to_sigma
-        low = t.floor().long().clamp(0, len(table) - 1)
-        high = (low + 1).clamp(max=len(table) - 1)
-        w = t - low
-        return ((1 - w) * log_table[low] + w * log_table[high]).exp()
-
-    if scheduler == "normal":
-        t = torch.linspace(len(table) - 1, 0, steps, dtype=torch.float64)
-        sig = sigma_at(t)
-    elif scheduler == "simple":
-        stride = len(table) / steps
-        sig = torch.stack([table[-(1 + int(i * stride))] for i in range(steps)])
-    elif scheduler == "karras":
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        rho = 7.0
-        sig = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    elif scheduler == "exponential":
-        sig = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
-    else:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    return torch.cat([sig, sig.new_zeros(1)]).to(torch.float32)
+    """float32 sigmas descending to 0, the way ComfyUI computes them for a discrete eps model (the same code as the
+    diffusers backend's, so the dev model and real folders share one schedule)."""
+    from keyface_core.backends.diffusers import discrete_schedule
+    return discrete_schedule(_discrete_sigmas(), steps, scheduler)
 
 
 class _Net(torch.nn.Module):

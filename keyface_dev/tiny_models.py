@@ -264,3 +264,21 @@ def conditioning(arch: str, seed: int = 0, guidance: float = 3.5):
     if arch == "flux":
         extra["guidance"] = guidance
     return [[cross_attn, extra]]
+
+
+def controlnet(seed: int = 0):
+    """A seeded ControlNet of ComfyUI's real classes (`comfy.cldm.cldm.ControlNet` in `comfy.controlnet.ControlNet`)
+    matching the tiny SD1.5 UNet's shapes, for ControlNetApplyAdvanced; hints are RGB at 8x the latent size."""
+    comfy_host.boot()
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+
+    config = {k: v for k, v in _unet_config(TINY_UNET).items()
+              if k not in ("out_channels", "use_temporal_attention", "use_temporal_resblock")}
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                               device="cpu", **config)
+    seed_parameters(control_model, seed)
+    control_model.eval()
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())

@@ -80,7 +80,8 @@ def check_model(model, model_id: str, what: str, legacy: bool = False):
 def check_conditioning(stored: str, model, positive, negative, cfg: float):
     if not _conditioning_matches(stored, *_conds(model, positive, negative, cfg)):
         raise InputMismatchError("the conditioning differs from the one used when anonymizing; connect the same "
-                                 "positive/negative conditioning (same prompt, same CLIP) as the anonymizing run.")
+                                 "positive/negative conditioning (same prompt, same CLIP, and any ControlNet with the same "
+                                 "model, hint image, strength and start/end percent) as the anonymizing run.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,6 +80,18 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return torch.round(image.detach().cpu().to(torch.float32) * 255.0).clamp_(0, 255).to(torch.uint8).numpy()
 
 
+def _blank_image_hint(pixels: np.ndarray) -> str:
+    """Why a photo can hold no face at all: LoadImage turns a 16-bit PNG (gray or RGB) white, and a failed
+    conversion can give one flat colour; name that instead of leaving "no face" as the whole story."""
+    share_white = float((pixels >= 250).all(axis=-1).mean())
+    if share_white > 0.98:
+        return (f" The image is {share_white:.0%} white: ComfyUI's LoadImage turns 16-bit PNGs (gray or RGB) white, so "
+                "save the photo as an 8-bit PNG or JPEG first.")
+    if int(pixels.max()) - int(pixels.min()) <= 2:
+        return " The image is a single flat colour: it holds no picture at all; check the file and how it was loaded."
+    return ""
+
+
 @dataclass(frozen=True)
 class Detection:
     """What Face Mask found: the full-size MASK, the FaceSet of the chosen faces, every face found (numbered as
@@ -116,12 +128,15 @@ def find_faces(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, 
     image = _rgb(image)
     if image.shape[0] != 1:
         raise InputMismatchError(f"Face Mask takes one photo at a time (batch 1); got a batch of {image.shape[0]}. "
-                                 "Run the workflow once per photo.")
+                                 f"An animated GIF/WebP/APNG loads as its {image.shape[0]} frames: pick the frame to "
+                                 "anonymize with Image From Batch (frame 1 is batch_index 0). Otherwise run the "
+                                 "workflow once per photo.")
     # The float IMAGE itself: detection downsizes it before any 8-bit conversion (cost follows the faces).
     found = face_core.detect_faces(image[0], detector=detector, min_face_px=min_face_px, threshold=threshold)
     if not found:
         raise NoFaceError("no face was found in the image, so nothing would be anonymized. Try the 'auto' or 'cnn' "
-                          "detector, a lower threshold or min_face_px, or connect your own MASK to Crop Faces.")
+                          "detector, a lower threshold or min_face_px, or connect your own MASK to Crop Faces."
+                          + _blank_image_hint(_to_uint8(image[0])))
     chosen = face_core.select_faces(found, which)
     # max_faces keeps the most confident of the chosen faces.
     chosen = sorted(sorted(chosen, key=lambda i: -found[i].score)[:max_faces])

@@ -64,14 +64,16 @@ class LoadKey(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, source, key_file, variable, kind):
-        # Re-run when the file changes; the fingerprint holds metadata, never the content.
+        # Re-run whenever the file's content changes, even at equal size and mtime (a backup restored with
+        # `cp -p`, a sync tool): a digest of the content keyed with a per-process random salt, so the cache
+        # key says nothing about the key, even in memory. Key files are tiny; reading one per queue is free.
         if source == "key file":
             path = keys_dir() / key_file
             try:
-                st = path.stat()
-                return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+                content = path.read_bytes()
             except OSError:
                 return f"{path}:missing"
+            return f"{path}:{hmac.new(_FINGERPRINT_SALT, content, 'sha256').hexdigest()}"
         # Keyed with a per-process random salt: even in memory, the cache key says nothing about the value.
         return f"env:{variable}:{hmac.new(_FINGERPRINT_SALT, os.environ.get(variable, '').encode(), 'sha256').hexdigest()}"
 

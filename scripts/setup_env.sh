@@ -46,4 +46,17 @@ PYEOF
   rm -f .cache/comfyui.tmp/extra_model_paths.yaml
   rm -rf "$COMFY" && mv .cache/comfyui.tmp "$COMFY"
 fi
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${KEYFACE_CHROMIUM:-}" ]; then
+  # The real-frontend test drives Debian's chromium; without it that test skips (and fails under CI=true).
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium (apt) for the real-frontend test; log: .cache/apt-chromium.log"
+    mkdir -p .cache
+    if ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; } \
+        >.cache/apt-chromium.log 2>&1; then
+      tail -20 .cache/apt-chromium.log; echo "[setup] chromium could not be installed (see above)"
+    fi
+  else
+    echo "[setup] chromium not found: install it (apt-get install chromium) or set KEYFACE_CHROMIUM to run the frontend test"
+  fi
+fi
 echo "[setup] ready: $VPY, ComfyUI at $COMFY"

@@ -385,6 +385,67 @@ def test_no_face_found(kf):
     assert "MASK" in text
 
 
+def test_animated_gif_names_its_frames(kf, host):
+    """Issue 13: an animated GIF loads through LoadImage as a batch of its frames; the error names the frame count
+    and how to pick one."""
+    from PIL import Image
+    import nodes as comfy_nodes
+    from conftest import faces_dir
+    _, work = host
+    face = Image.open(faces_dir() / "obama.jpg").convert("RGB").resize((160, 160))
+    frames = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.rotate(5)]
+    frames[0].save(work / "input" / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    try:
+        photo = comfy_nodes.LoadImage().load_image("animated.gif")[0]
+        assert photo.shape[0] == 3
+        text = expect(kf.errors.InputMismatchError, "one photo at a time", kf.face_nodes.detect, photo)
+        assert "its 3 frames" in text and "Image From Batch" in text
+    finally:
+        (work / "input" / "animated.gif").unlink()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGB16"])
+def test_sixteen_bit_png_says_why_no_face(kf, host, mode):
+    """Issue 13: a 16-bit PNG (gray or RGB) of a real face comes out of ComfyUI's LoadImage white; Face Mask must say
+    that, not only "no face was found"."""
+    from PIL import Image
+    import nodes as comfy_nodes
+    from conftest import faces_dir
+    _, work = host
+    face = np.asarray(Image.open(faces_dir() / "alex-lacamoire.png").convert("L"), dtype=np.uint16) * 257
+    name = f"sixteen_{mode.replace(';', '')}.png"
+    if mode == "I;16":
+        Image.fromarray(face).save(work / "input" / name)   # uint16 -> a 16-bit grayscale PNG
+    else:   # Pillow cannot write 16-bit RGB: build the PNG with its own encoder from a 48-bit buffer
+        import zlib, struct
+        rgb = np.repeat(face[..., None], 3, axis=-1).astype(">u2")
+        h, w = face.shape
+        raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        (work / "input" / name).write_bytes(png)
+    photo = comfy_nodes.LoadImage().load_image(name)[0]
+    try:
+        # Which one happens depends on the Pillow under LoadImage; either way the user is not misled.
+        if float((photo >= 250 / 255).all(dim=-1).float().mean()) > 0.98:
+            text = expect(kf.errors.NoFaceError, "no face was found", kf.face_nodes.detect, photo)
+            assert "16-bit" in text and "8-bit" in text
+        else:
+            _, faces = kf.face_nodes.detect(photo)
+            assert len(faces.faces) >= 1
+    finally:
+        (work / "input" / name).unlink()
+
+
+def test_white_image_says_it_is_white(kf):
+    """The hint itself, independent of the Pillow version: an all-white photo (what a 16-bit PNG became) is named."""
+    white = torch.ones(1, 200, 300, 3)
+    text = expect(kf.errors.NoFaceError, "no face was found", kf.face_nodes.detect, white)
+    assert "100% white" in text and "16-bit" in text
+
+
 @case("B15", "All-zero mask given to Crop Faces", "every face mask is empty")
 def test_all_zero_mask_at_crop(kf, made, photo):
     empty = torch.zeros(1, *photo.shape[1:3])
@@ -756,3 +817,33 @@ def test_fuzz_stored_settings_only_give_keyface_errors(kf, tiny, key_pair, made,
     except kf.errors.KeyFaceError as err:
         for form in key_forms():
             assert form not in str(err)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_phone_copy_with_exif_orientation_loads_upright(kf, made, orientation):
+    """Issue 13: a photo app re-saves the anonymized PNG with its pixels stored turned and an EXIF orientation tag
+    (1-8). Load Anonymized shows it upright as ComfyUI's LoadImage does, so with the original PNG as metadata the
+    pixels are exactly the saved ones (no sideways, squashed resample)."""
+    from PIL import Image
+    saved = made.saved
+    original = np.asarray(Image.open(saved).convert("RGB"))
+    # Stored = the inverse of what exif_transpose applies for this tag, so the displayed image is the original.
+    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_270}
+    stored = Image.fromarray(original)
+    if orientation in inverse:
+        stored = stored.transpose(inverse[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    copy = saved.parent / f"phone_copy_{orientation}.png"
+    stored.save(copy, exif=exif.tobytes())
+    try:
+        image, _, _, warnings = kf.face_nodes.load_anonymized(copy, metadata_path=saved)
+        pixels = np.round(image[0].numpy() * 255).astype(np.uint8)
+        assert pixels.shape == original.shape and np.array_equal(pixels, original)
+        assert not any("resampled" in w for w in warnings), warnings
+        if orientation != 1:
+            assert any(f"EXIF orientation {orientation}" in w for w in warnings), warnings
+    finally:
+        copy.unlink()

@@ -257,3 +257,31 @@ def test_comfyui_reads_the_pack_metadata(host):
     config = extract_node_configuration(str(Path(__file__).resolve().parents[1]))
     assert config is not None and config.project.name == "keyface" and config.project.version
     assert config.tool_comfy.publisher_id == "keyface" and config.tool_comfy.display_name.startswith("KeyFace")
+
+
+def test_load_key_rereads_a_replaced_file_of_equal_size_and_mtime(kf):
+    """Issue 13: a key file replaced by another of the same size with its mtime kept (`cp -p`, a sync tool) must
+    change Load Key's cache fingerprint, so the new key is used; the fingerprint never holds the key itself."""
+    import os
+    from pathlib import Path
+    keys = Path(os.environ["KEYFACE_KEYS_DIR"])
+    path = keys / "swapped.key"
+    first, second = "11" * 32, "22" * 32
+    path.write_text(first + "\n")
+    stamp = path.stat()
+    L = kf.key_nodes.LoadKey
+    before = L.fingerprint_inputs("key file", "swapped.key", "KEYFACE_KEY", "key")
+    try:
+        path.write_text(second + "\n")
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
+        after = L.fingerprint_inputs("key file", "swapped.key", "KEYFACE_KEY", "key")
+        assert before != after
+        assert L.fingerprint_inputs("key file", "swapped.key", "KEYFACE_KEY", "key") == after   # stable while unchanged
+        for fingerprint in (before, after):
+            assert first not in fingerprint and second not in fingerprint
+        loaded = L.execute("key file", "swapped.key", "KEYFACE_KEY", "key").args[0]
+        nonce = b"n" * 16
+        assert loaded.image_key(nonce) == kf.keys.load_key_file(path).image_key(nonce)   # the second key in use
+    finally:
+        path.unlink()

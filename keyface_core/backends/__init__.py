@@ -1,0 +1,1 @@
+"""Model backends outside ComfyUI (each imports its library lazily)."""
