@@ -33,11 +33,15 @@ FacesType = io.Custom("KEYFACE_FACES")
 
 @dataclass(frozen=True)
 class FaceRegion:
-    """One face of a photo: its square crop box (x, y, size) in image pixels and soft crop mask."""
+    """One face of a photo: its square crop box (x, y, size) in image pixels and soft crop mask.
+
+    `landmarks`: dlib's 68 points (float32 [68,2]) in CROP pixels of this face's crop, i.e.
+    (lm - (x, y)) * crop_size / size; None when the face did not come from detection (a loaded file)."""
 
     index: int
     box: tuple
     mask: torch.Tensor  # [S,S] float32, multiples of 1/255 so the stored uint8 mask reproduces it
+    landmarks: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -150,9 +154,10 @@ def find_faces(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, 
         box = _crop_box(det, coverage, (H, W), context)
         hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, crop_size, coverage=coverage))
         soft = _quantize(mask_core.feather(hard, max(1.0, feather_frac * crop_size)))
-        regions.append(FaceRegion(index, tuple(int(v) for v in box), soft))
-        # The full-size MASK only changes inside the crop box: resize the crop mask there (cost ∝ face, not photo).
         x, y, size = (int(v) for v in box)
+        crop_lm = ((np.asarray(det.landmarks, np.float64) - (x, y)) * (crop_size / size)).astype(np.float32)
+        regions.append(FaceRegion(index, (x, y, size), soft, crop_lm))
+        # The full-size MASK only changes inside the crop box: resize the crop mask there (cost ∝ face, not photo).
         patch = torch.nn.functional.interpolate(soft[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0]
         full[y:y + size, x:x + size] = torch.maximum(full[y:y + size, x:x + size], patch)
     return Detection(full[None], FaceSet((H, W), int(crop_size), tuple(regions)), tuple(found), tuple(chosen))
