@@ -421,9 +421,9 @@ class FaceMask(io.ComfyNode):
                                      "32 px, or 1/64 of the photo's long side up to 64 px (12 MP: 64 px). Smaller "
                                      "values find smaller faces and cost more time."),
                 io.Combo.Input("detector", options=list(face_core.DETECTORS), default="auto", optional=True,
-                               tooltip="auto: HOG, then the CNN when HOG finds nothing, then HOG on the photo turned "
-                                       "90/270 degrees. hog: fast, frontal faces. cnn: dlib's CNN, more poses, slow "
-                                       "on CPU (run on a copy of at most 0.25 MP)."),
+                               tooltip="auto: HOG; when it finds nothing, HOG on the photo turned 90/270 degrees, then "
+                                       "dlib's CNN. hog: fast, frontal faces (today's detector). cnn: dlib's CNN, more "
+                                       "poses, slow on CPU (run on a copy of at most 0.5 MP)."),
                 io.Combo.Input("coverage", options=list(face_core.COVERAGES), default="face", optional=True,
                                tooltip="How much of the head to replace. face: the face oval (ears, hair and neck stay "
                                        "original and can still identify). face+ears+neck: also ears and neck. head: "
