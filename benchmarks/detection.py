@@ -272,6 +272,9 @@ def report(res: dict) -> str:
              "small": "12 MP scene, small faces", "patch": "round non-face patch"}
     acc = res.get("accuracy", {})
     if acc:
+        if res.get("cnn_photos", "all") != "all":
+            s += [f"The CNN (slow on this CPU) ran on the images made from {', '.join(res['cnn_photos'])}, the scene "
+                  "and the patch photo only; its cells give their count.", ""]
         s += accuracy_table(acc, names)
     big = res.get("big_photos")
     if big:
