@@ -170,9 +170,13 @@ def _run_options(fn):
               help="random: a fresh public nonce per face (default). derived: from the key and the photo, so the "
                    "same photo and key always give the same file (reproducible runs; reveals only whether two "
                    "inputs were identical).")
+@click.option("--store-landmarks", is_flag=True, default=False,
+              help="Also store each face's 68 dlib landmarks (numbers, in the clear: the original face's expression, "
+                   "pose and proportions; no texture or identity descriptor), for tools that redraw a ControlNet "
+                   "hint from them. Off by default: the command line draws no hint, so restore never needs them.")
 @_run_options
 def anonymize(inputs, steps, scheduler, method, sampler, render_steps, prompt, negative, cfg, render_prompt,
-              render_cfg, scramble, crop_size, max_faces, min_face_px, max_megapixels, nonce, **run):
+              render_cfg, scramble, crop_size, max_faces, min_face_px, max_megapixels, nonce, store_landmarks, **run):
     """Anonymize every face in INPUTS (files, folders walked recursively, glob patterns such as 'shots/**/*.jpg').
 
     Each photo becomes OUT/<its path relative to the folder it was found in>.png (or a number with --flat-names):
@@ -188,7 +192,8 @@ def anonymize(inputs, steps, scheduler, method, sampler, render_steps, prompt, n
     settings = Settings(steps=steps, scheduler=scheduler, method=method, cfg=cfg, prompt=prompt, negative=negative,
                         sampler=sampler, render_steps=render_steps, render_cfg=render_cfg,
                         render_prompt=render_prompt, scramble=scramble, crop_size=crop_size, max_faces=max_faces,
-                        min_face_px=min_face_px, max_megapixels=max_megapixels, nonce=nonce)
+                        min_face_px=min_face_px, max_megapixels=max_megapixels, nonce=nonce,
+                        store_landmarks=store_landmarks)
     sys.exit(_run_batch("anonymize", inputs, settings, **run))
 
 
@@ -254,7 +259,8 @@ def inspect(file: Path, as_json: bool):
     for face in info["faces"]:
         click.echo(f"  face {face['index']}: box x={face['box'][0]} y={face['box'][1]} size={face['box'][2]}, "
                    f"latent {face['latent_shape']}, sealed residual {face['sealed_residual_bytes']} B, "
-                   f"sealed reference {face['sealed_reference_bytes']} B")
+                   f"sealed reference {face['sealed_reference_bytes']} B"
+                   + (", 68 landmarks (public: the original face's geometry)" if face["landmarks"] else ""))
 
 
 def describe(record) -> dict:
@@ -267,7 +273,8 @@ def describe(record) -> dict:
         faces.append({"index": int(keyed.faces.face_indices[i]), "box": list(entry.box),
                       "latent_shape": list(keyed.x.shape[1:]),
                       "sealed_residual_bytes": 0 if sealed is None else int(getattr(sealed, "nbytes", len(sealed))),
-                      "sealed_reference_bytes": 0 if reference is None else len(reference)})
+                      "sealed_reference_bytes": 0 if reference is None else len(reference),
+                      "landmarks": getattr(entry, "landmarks", None) is not None})
     render = record.render
     return {"format": "keyface", "version": 2, "image_size": list(record.image_size),
             "pixels_sha256": record.pixels_sha256,

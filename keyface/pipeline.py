@@ -19,14 +19,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from keyface_core import anonymized as anon
 from keyface_core import faces as face_core
 from keyface_core import masks as mask_core
-from keyface_core import photo, protocol
+from keyface_core import images, photo, protocol
 from keyface_core import sampling
-from keyface_core.errors import InputMismatchError, KeyFaceError, MetadataError, NoFaceError
+from keyface_core.errors import ImageReadError, InputMismatchError, KeyFaceError, MetadataError, NoFaceError
 
 from . import store
 from .models import latent_scale
@@ -35,10 +34,6 @@ NONCE_MODES = ("random", "derived")
 # The derived-nonce subkey comes from the user key through its own public 16-byte label (never a real nonce:
 # random nonces collide with it with probability 2^-128).
 _DERIVED_LABEL = hashlib.sha256(b"keyface/cli/derived-nonce/v1").digest()[:16]
-
-
-class ImageReadError(KeyFaceError):
-    """An input file is missing, unreadable, not an image, damaged, or too large."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +58,7 @@ class Settings:
     min_face_px: int = 0
     max_megapixels: float = 64.0
     nonce: str = "random"
+    store_landmarks: bool = False           # per-face 68 landmarks in the record (crop pixels; public)
 
     def check(self) -> None:
         if self.steps < 1 or (self.render_steps is not None and self.render_steps < 1):
@@ -129,40 +125,17 @@ class _Timed:
 # Reading photos
 # ----------------------------------------------------------------------------------------------
 
-def read_image(path: Path, max_megapixels: float) -> np.ndarray:
-    """RGB uint8 [H,W,3] of any photo Pillow reads, upright (EXIF orientation applied), everything else dropped."""
-    name = Path(path).name
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            megapixels = width * height / 1e6
-            if megapixels > max_megapixels:
-                raise ImageReadError(f"image is {width}x{height} ({megapixels:.1f} MP), over the limit of "
-                                     f"{max_megapixels:g} MP; raise --max-megapixels to process it.")
-            image.load()
-            frames = getattr(image, "n_frames", 1)
-            upright = ImageOps.exif_transpose(image)
-            pixels = np.asarray(upright.convert("RGB")).copy()
-    except ImageReadError:
-        raise
-    except FileNotFoundError:
-        raise ImageReadError(f"cannot read {name}: the file does not exist (or is a broken link).") from None
-    except (PermissionError, IsADirectoryError) as err:
-        raise ImageReadError(f"cannot read {name}: {err.strerror}; check its permissions.") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{name} is not an image Pillow can read (PNG, JPEG, WebP, TIFF, BMP, GIF...).") from None
-    except Image.DecompressionBombError:
-        raise ImageReadError(f"{name} is too large to decode safely (Pillow's decompression-bomb limit); raise "
-                             "--max-megapixels if it is a genuine photo.") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{name} is damaged or truncated ({str(err) or type(err).__name__}).") from None
-    if frames > 1:
-        # Only the first frame is anonymized and written: say so rather than drop frames silently.
-        raise ImageReadError(f"{name} has {frames} frames (animated); KeyFace anonymizes still photos. Extract "
-                             "the frames first.")
+def read_image(path: Path, max_megapixels: float) -> tuple[np.ndarray, images.ImageInfo]:
+    """RGB uint8 [H,W,3] of any photo Pillow reads, upright, as ComfyUI's LoadImage opens it (keyface_core.images),
+    with what was converted or dropped on the way (`ImageInfo.notes`)."""
+    pixels, info = images.load_image(path, max_megapixels=max_megapixels, limit_name="--max-megapixels")
+    if info.animated:
+        # Only one frame could be anonymized and written: say so rather than drop frames silently.
+        raise ImageReadError(f"{info.name} has {info.frames} frames (animated {info.format}); KeyFace anonymizes still "
+                             "photos. Extract the frames first (e.g. ffmpeg -i in.gif frame_%03d.png).")
     if min(pixels.shape[:2]) < 16:
-        raise ImageReadError(f"{name} is {pixels.shape[1]}x{pixels.shape[0]} pixels, too small to hold a face.")
-    return pixels
+        raise ImageReadError(f"{info.name} is {pixels.shape[1]}x{pixels.shape[0]} pixels, too small to hold a face.")
+    return pixels, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +146,7 @@ def read_image(path: Path, max_megapixels: float) -> np.ndarray:
 class Faces:
     boxes: tuple            # (x, y, size) per face
     masks: torch.Tensor     # [N,S,S] soft crop masks, quantised to 1/255 (what the file stores)
+    landmarks: tuple = ()   # float32 [68,2] per face in crop pixels, as the Face Mask node gives them
 
 
 def find_faces(pixels: np.ndarray, settings: Settings) -> Faces:
@@ -184,14 +158,16 @@ def find_faces(pixels: np.ndarray, settings: Settings) -> Faces:
     found = sorted(found, key=lambda d: (d.box[0], d.box[1]))
     H, W = pixels.shape[:2]
     S = settings.crop_size
-    boxes, masks = [], []
+    boxes, masks, landmarks = [], [], []
     for det in found:
         box = mask_core.square_crop_box(det.box, (H, W), settings.context)
+        landmarks.append(((det.landmarks.astype(np.float64) - np.asarray(box[:2], np.float64))
+                          * (S / float(box[2]))).astype(np.float32))
         hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, S))
         soft = mask_core.feather(hard, max(1.0, settings.feather * S))
         boxes.append(tuple(int(v) for v in box))
         masks.append(torch.round(soft.clamp(0, 1) * 255.0) / 255.0)
-    return Faces(tuple(boxes), torch.stack(masks))
+    return Faces(tuple(boxes), torch.stack(masks), tuple(landmarks))
 
 
 def _crops(image: torch.Tensor, faces: Faces, size: int) -> torch.Tensor:
@@ -231,8 +207,13 @@ def anonymize_image(source: Path, target: Path, settings: Settings, model, key) 
     """Anonymize `source` into the PNG `target` (atomic; raises KeyFaceError with a user message on failure)."""
     start = time.perf_counter()
     timed = _Timed(model)
-    pixels = read_image(source, settings.max_megapixels)
-    faces = find_faces(pixels, settings)
+    pixels, info = read_image(source, settings.max_megapixels)
+    try:
+        faces = find_faces(pixels, settings)
+    except NoFaceError as err:
+        if not info.notes:
+            raise
+        raise NoFaceError(f"{err} ({'; '.join(info.notes)})") from None
     image = photo.from_u8(pixels)
     S = settings.crop_size
     count = len(faces.boxes)
@@ -272,9 +253,11 @@ def anonymize_image(source: Path, target: Path, settings: Settings, model, key) 
                                            model.model_id, cond_id, sigmas.to(torch.float32))
     render = protocol.RenderSettings(settings.sampler, settings.scheduler, int(render_steps), float(render_cfg), 0)
     record = anon.build(saved, faces.boxes, [m.numpy() for m in faces.masks], S, keyed, inversion, render, fmt,
-                        fmt.process_out(drawn.to(torch.float64)).to(torch.float32))
+                        fmt.process_out(drawn.to(torch.float64)).to(torch.float32),
+                        landmarks=faces.landmarks if settings.store_landmarks else None)
     store.write(target, saved, record)
-    return ImageResult(str(source), None, "ok", count, "", time.perf_counter() - start, timed.seconds, timed.calls)
+    return ImageResult(str(source), None, "ok", count, "; ".join(info.notes), time.perf_counter() - start,
+                       timed.seconds, timed.calls)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +327,7 @@ def restored_latents(source: Path, model, key, settings: RestoreSettings = Resto
 
 def clean_latents(source: Path, settings: Settings, model) -> torch.Tensor:
     """The original model-space face latents the anonymization of `source` started from (tests, benchmarks)."""
-    pixels = read_image(source, settings.max_megapixels)
+    pixels, _ = read_image(source, settings.max_megapixels)
     faces = find_faces(pixels, settings)
     with torch.no_grad():
         return model.encode(_crops(photo.from_u8(pixels), faces, settings.crop_size)).to(torch.float64)

@@ -24,6 +24,9 @@ class FaceEntry:
     box: tuple                 # (x, y, size) square crop box in image pixels
     crop_mask: np.ndarray      # uint8 [S,S] soft paste mask x 255
     region_digest: str         # SHA-256 of the saved anonymized pixels inside the box: binds record and pixels
+    # float32 [68,2] dlib landmarks in crop pixels, stored only when asked (Save Anonymized `store_landmarks`) so
+    # Restore can redraw the identical ControlNet hint. Public, in the clear: the original face's geometry.
+    landmarks: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,10 @@ def region_digest(pixels: np.ndarray, box) -> str:
 
 def build(pixels: np.ndarray, boxes: Sequence, crop_masks: Sequence, crop_size: int, keyed: KeyedNoise,
           inversion: InversionSettings, render: Optional[RenderSettings], latent_format: LatentFormat,
-          anonymized: torch.Tensor, sealed_pixels: Optional[Sequence[SealedPixels]] = None) -> AnonymizedFile:
-    """The file's content for an anonymized photo (8-bit RGB `pixels`, as saved)."""
+          anonymized: torch.Tensor, sealed_pixels: Optional[Sequence[SealedPixels]] = None,
+          landmarks: Optional[Sequence] = None) -> AnonymizedFile:
+    """The file's content for an anonymized photo (8-bit RGB `pixels`, as saved). `landmarks`: per face a
+    float32 [68,2] array in crop pixels (or None for that face), or None to store none."""
     if keyed.lock is None:
         raise InputMismatchError("this latent was never key-flipped, so it is not anonymized; run Apply Key Flip "
                                  "before Regenerate.")
@@ -100,16 +105,26 @@ def build(pixels: np.ndarray, boxes: Sequence, crop_masks: Sequence, crop_size: 
     if not (len(boxes) == len(crop_masks) == count == anonymized.shape[0]):
         raise InputMismatchError(f"the latent holds {count} faces but {len(boxes)} were cropped; connect the latent "
                                  "of the same crops.")
+    if landmarks is not None and len(landmarks) != count:
+        raise InputMismatchError(f"{len(landmarks)} landmark sets for {count} faces; give one per face (or none).")
     entries = []
-    for box, mask in zip(boxes, crop_masks):
+    for i, (box, mask) in enumerate(zip(boxes, crop_masks)):
         mask = np.asarray(mask)
         if mask.dtype != np.uint8:
             mask = np.round(np.clip(mask, 0, 1) * 255.0).astype(np.uint8)
-        entries.append(FaceEntry(tuple(int(v) for v in box), mask, region_digest(pixels, box)))
+        points = None if landmarks is None or landmarks[i] is None else _landmarks(landmarks[i])
+        entries.append(FaceEntry(tuple(int(v) for v in box), mask, region_digest(pixels, box), points))
     height, width = pixels.shape[:2]
     return AnonymizedFile((int(width), int(height)), pixels_digest(pixels), inversion, render, latent_format,
                           int(crop_size), keyed, anonymized.detach().cpu().to(torch.float32), tuple(entries),
                           None if sealed_pixels is None else tuple(sealed_pixels), look_hash(pixels))
+
+
+def _landmarks(points) -> np.ndarray:
+    points = np.asarray(points)
+    if points.shape != (68, 2) or not np.isfinite(points).all():
+        raise InputMismatchError(f"face landmarks must be 68 finite (x, y) points; got shape {points.shape}.")
+    return np.ascontiguousarray(points, dtype=np.float32)
 
 
 def altered_regions(file: AnonymizedFile, pixels: np.ndarray) -> list:

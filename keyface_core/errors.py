@@ -27,3 +27,19 @@ class NoFaceError(KeyFaceError):
 
 class WrongKeyError(KeyFaceError):
     """The key's check value does not match the one stored with the image."""
+
+
+class ImageReadError(KeyFaceError):
+    """An image file is missing, unreadable, not an image, damaged, or too large to decode."""
+
+
+class NotAnImageError(ImageReadError):
+    """The file is not in an image format Pillow can read (a text file named .png, a HEIC photo...)."""
+
+
+class DamagedImageError(ImageReadError):
+    """The file starts like an image but cannot be decoded: truncated, corrupt."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """The image is over the caller's megapixel limit, or over Pillow's decompression-bomb limit."""

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
-from .errors import InputMismatchError, KeyFaceError, MetadataError
+from . import images
+from .errors import DamagedImageError, InputMismatchError, KeyFaceError, MetadataError, NotAnImageError
 
 FORMAT_NAME = "keyface"
 FORMAT_VERSION = 1
@@ -748,10 +749,6 @@ def read_png_bytes(source: Path, data: bytes, drop: tuple = ()) -> tuple[np.ndar
             raise MetadataError(f"{source.name}: {err}") from None
 
     size = (pixels.shape[1], pixels.shape[0])
-    ihdr = chunks[0] if chunks and chunks[0][0] == b"IHDR" else None
-    if fmt == "PNG" and ihdr and ihdr[2] - ihdr[1] == 25 and data[ihdr[1] + 16] == 16:
-        if not mode.startswith("I"):
-            notes.append("image has 16 bits per channel; it was reduced to 8 bits per channel")
     lossy = fmt in _LOSSY_FORMATS or (fmt == "WEBP" and _webp_is_lossy(data))
     if lossy:
         label = "WebP (lossy)" if fmt == "WEBP" else fmt
@@ -772,68 +769,20 @@ def read_png_bytes(source: Path, data: bytes, drop: tuple = ()) -> tuple[np.ndar
 
 
 def _decode_pixels(source: Path, data: bytes) -> tuple[np.ndarray, str, str, list[str]]:
+    # Decoding (orientation, 16-bit, palette, alpha, frames) is keyface_core.images'; the wording here is Load
+    # Anonymized's: what to pass instead is the PNG KeyFace saved.
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, mode = img.format or "unknown", img.mode
-            notes = []
-            if getattr(img, "n_frames", 1) > 1:
-                notes.append(f"image has {img.n_frames} frames; only the first is used")
-            orientation = _exif_orientation(img)
-            img.load()
-            if orientation not in (None, 1):
-                # As ComfyUI's LoadImage does: a phone or photo app re-saved the copy with its pixels stored
-                # turned and a tag saying how to show them; what the user sees (and what was saved) is upright.
-                img = ImageOps.exif_transpose(img)
-                notes.append(f"image has EXIF orientation {orientation}; turned upright as ComfyUI's LoadImage does")
-            pixels = _to_rgb8(img, notes)
-    except Image.UnidentifiedImageError:
+        pixels, info = images.load_image(data, name=source.name, max_megapixels=None, min_face_px=None)
+    except NotAnImageError:
         raise KeyFaceError(
             f"{source.name} is not an image file KeyFace can read; pass the PNG KeyFace saved"
         ) from None
-    except Exception as err:  # Pillow's decoders raise many types: OSError, SyntaxError, ...
+    except DamagedImageError as err:
         raise KeyFaceError(
-            f"{source.name} could not be decoded as an image ({type(err).__name__}: {err}); "
+            f"{source.name} could not be decoded as an image ({getattr(err, 'detail', err)}); "
             "the file is damaged or truncated, pass the PNG KeyFace saved"
         ) from None
-    return pixels, fmt, mode, notes
-
-
-def _exif_orientation(img: Image.Image) -> int | None:
-    try:
-        return img.getexif().get(0x0112)
-    except Exception:  # malformed EXIF only costs us the note
-        return None
-
-
-def _to_rgb8(img: Image.Image, notes: list[str]) -> np.ndarray:
-    mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        notes.append(f"image was {mode}; alpha channel ignored")
-    if mode in ("L", "LA", "La", "1", "F") or mode.startswith("I"):
-        notes.append("image converted from grayscale")
-    if mode.startswith("I") or mode == "F":
-        values = np.asarray(img).astype(np.float64)
-        if mode == "F":
-            gray = np.clip(np.rint(values), 0, 255)
-            notes.append("image was 32-bit float (F); values clipped to 0..255")
-        else:
-            gray = np.rint(np.clip(values, 0, 65535) * (255 / 65535))
-            notes.append(f"image was 16-bit ({mode}); reduced to 8 bits")
-        rgb = np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
-    elif mode in ("L", "LA", "La", "1"):
-        rgb = np.repeat(np.asarray(img.convert("L"))[:, :, None], 3, axis=2)
-        if mode == "1":
-            notes.append("image was 1-bit black and white")
-    elif mode in ("RGB", "RGBA"):
-        # Dropping alpha (not compositing) keeps the stored colour values exact.
-        rgb = np.asarray(img)[:, :, :3]
-    elif mode in ("P", "PA"):
-        rgb = np.asarray(img.convert("RGBA"))[:, :, :3]
-        notes.append(f"image was palette-based ({mode}); converted to RGB")
-    else:
-        rgb = np.asarray(img.convert("RGB"))
-        notes.append(f"image was {mode}; converted to RGB")
-    return np.array(rgb, dtype=np.uint8, order="C", copy=True)
+    return pixels, info.format, info.mode, list(info.notes)
 
 
 def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]]:

@@ -35,6 +35,7 @@ MAX_LATENT_SIDE = 1024
 MAX_CHANNELS = 64
 MAX_CROP = 8192
 MAX_IMAGE_SIDE = 2**16
+LANDMARKS_SHAPE = (68, 2)              # dlib's 68 points, crop pixels, float32 (optional per face)
 
 Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]+$", max_length=128)]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.+-]{1,64}$")]
@@ -155,6 +156,8 @@ def encode(file: AnonymizedFile) -> bytes:
             arrays[p + "background"] = faces.background[i].detach().cpu().to(torch.float64).numpy()
         if sealed_pixels is not None:
             arrays[p + "sealed_pixels"] = np.frombuffer(bytes(sealed_pixels.sealed), dtype=np.uint8)
+        if entry.landmarks is not None:   # optional: files without it encode exactly as before
+            arrays[p + "landmarks"] = np.asarray(entry.landmarks, dtype=np.float32).reshape(LANDMARKS_SHAPE)
     inv, render, fmt = file.inversion, file.render, file.latent_format
     doc = RecordDoc(
         format=FORMAT_NAME, version=FORMAT_VERSION, image_size=tuple(int(v) for v in file.image_size),
@@ -283,7 +286,13 @@ def _to_file(doc: RecordDoc, arrays: dict) -> AnonymizedFile:
         if face.pixels_digest is not None:
             sealed = _array(arrays, p + "sealed_pixels", np.uint8, None, used).tobytes()
             sealed_pixels.append(SealedPixels(sealed, face.pixels_digest))
-        entries.append(FaceEntry(tuple(face.box), crop_mask, face.region_digest))
+        landmarks = None
+        if p + "landmarks" in arrays:
+            landmarks = _array(arrays, p + "landmarks", np.float32, LANDMARKS_SHAPE, used).copy()
+            if np.abs(landmarks).max() > 16 * doc.crop_size:
+                raise MetadataError(f"the KeyFace record is damaged (face {i}'s landmarks lie far outside its crop); "
+                                    f"{_DAMAGED}.")
+        entries.append(FaceEntry(tuple(face.box), crop_mask, face.region_digest, landmarks))
     if doc.inversion.method == "exact" and any(r is None for r in residuals):
         raise MetadataError(f"the KeyFace record is damaged (a sealed second state is missing); {_DAMAGED}.")
     unknown = set(arrays) - used

@@ -78,6 +78,10 @@ def boot():
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     link = root / "custom_nodes" / PACK_LINK_NAME
+    # A copied or moved ComfyUI folder keeps a link to the old checkout: repoint it, or the host would load that
+    # checkout's nodes instead of this one's.
+    if link.is_symlink() and Path(os.readlink(link)).resolve() != REPO.resolve():
+        link.unlink()
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
     import comfy.options

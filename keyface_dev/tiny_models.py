@@ -140,11 +140,29 @@ class TinyCheckpointLoader:
         return unet_model(seed, prediction), clip_model(seed), vae_model(seed)
 
 
+class TinyControlNetLoader:
+    """Test stand-in for ControlNetLoader: the seeded tiny ControlNet matching the tiny checkpoint's UNet."""
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+    CATEGORY = "KeyFace/dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net_name": ("STRING", {"default": "tiny"}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    def load(self, control_net_name, seed=0):
+        return (controlnet(seed),)
+
+
 def register_test_nodes() -> None:
-    """Adds the tiny checkpoint loader to ComfyUI's node table (tests and demo only)."""
+    """Adds the tiny checkpoint and ControlNet loaders to ComfyUI's node table (tests and demo only)."""
     nodes = comfy_host.boot()
     nodes.NODE_CLASS_MAPPINGS["KeyFaceDevTinyCheckpoint"] = TinyCheckpointLoader
     nodes.NODE_DISPLAY_NAME_MAPPINGS["KeyFaceDevTinyCheckpoint"] = "Tiny Checkpoint (KeyFace dev)"
+    nodes.NODE_CLASS_MAPPINGS["KeyFaceDevTinyControlNet"] = TinyControlNetLoader
+    nodes.NODE_DISPLAY_NAME_MAPPINGS["KeyFaceDevTinyControlNet"] = "Tiny ControlNet (KeyFace dev)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,19 +284,59 @@ def conditioning(arch: str, seed: int = 0, guidance: float = 3.5):
     return [[cross_attn, extra]]
 
 
-def controlnet(seed: int = 0):
-    """A seeded ControlNet of ComfyUI's real classes (`comfy.cldm.cldm.ControlNet` in `comfy.controlnet.ControlNet`)
-    matching the tiny SD1.5 UNet's shapes, for ControlNetApplyAdvanced; hints are RGB at 8x the latent size."""
+def _control_model(seed: int, size: dict):
     comfy_host.boot()
     import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.model_management
     import comfy.ops
 
-    config = {k: v for k, v in _unet_config(TINY_UNET).items()
+    config = {k: v for k, v in _unet_config(size).items()
               if k not in ("out_channels", "use_temporal_attention", "use_temporal_resblock")}
     control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
                                                device="cpu", **config)
     seed_parameters(control_model, seed)
-    control_model.eval()
+    return control_model.eval()
+
+
+def controlnet(seed: int = 0):
+    """A seeded ControlNet of ComfyUI's real classes (`comfy.cldm.cldm.ControlNet` in `comfy.controlnet.ControlNet`)
+    matching the tiny SD1.5 UNet's shapes, for ControlNetApplyAdvanced; hints are RGB at 8x the latent size."""
+    import comfy.controlnet
+    import comfy.model_management
+
+    control_model = _control_model(seed, TINY_UNET)
     return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
+
+
+CONTROLNET_RECIPE = {"version": 1, "format": "ldm control_model.*", "dtype": "float16"}
+
+
+def save_controlnet_file(path, seed: int = 0, size: dict | None = None, dtype=torch.float16):
+    """Write a seeded ControlNet as a file the stock ControlNetLoader loads (ldm keys `control_model.*`, the
+    layout of lllyasviel's ControlNet 1.x files; ComfyUI detects the UNet config from the shapes). `size` must be
+    the UNet the ControlNet steers: default the frontend test checkpoint's (keyface_dev.tiny_checkpoint).
+    Written atomically; a cached file of the same recipe is kept. Returns the path."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if size is None:
+        from .tiny_checkpoint import RECIPE
+        size = RECIPE["unet"]
+    path = Path(path)
+    recipe = dict(CONTROLNET_RECIPE, seed=seed, unet=size, dtype=str(dtype).removeprefix("torch."))
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if json.loads((handle.metadata() or {}).get("keyface_recipe", "null")) == recipe:
+                    return path
+        except Exception:   # unreadable or partial: rebuild
+            pass
+    state = {f"control_model.{k}": v.to(dtype).contiguous() for k, v in _control_model(seed, size).state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(state, str(partial), metadata={"keyface_recipe": json.dumps(recipe)})
+    os.replace(partial, path)
+    return path

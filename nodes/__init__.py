@@ -13,9 +13,10 @@ class KeyFaceExtension(ComfyExtension):
         nodes = list(KEY_NODES) + list(CORE_NODES)
         try:
             from .face_nodes import NODES as FACE_NODES
+            from .hint_nodes import NODES as HINT_NODES
         except ImportError:  # face nodes need optional packages; the latent nodes work without them
-            FACE_NODES = []
-        return nodes + list(FACE_NODES)
+            FACE_NODES, HINT_NODES = [], []
+        return nodes + list(FACE_NODES) + list(HINT_NODES)
 
 
 async def comfy_entrypoint() -> KeyFaceExtension:

@@ -222,8 +222,17 @@ def _check_image(image: torch.Tensor, faces: FaceSet) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def build_record(faces: FaceSet, info: AnonymizedInfo, pixels: np.ndarray,
-                 sealed_pixels=None) -> anonymized_file.AnonymizedFile:
-    """Everything Restore needs except the key: the keyed noise and its context, bound to the saved pixels."""
+                 sealed_pixels=None, store_landmarks: bool = False) -> anonymized_file.AnonymizedFile:
+    """Everything Restore needs except the key: the keyed noise and its context, bound to the saved pixels.
+    `store_landmarks` adds each face's 68 landmarks (crop pixels), so Restore can redraw a Face Hint."""
+    landmarks = None
+    if store_landmarks:
+        missing = [r.index for r in faces.faces if r.landmarks is None]
+        if missing:
+            raise InputMismatchError(f"store_landmarks is on but face(s) {missing} carry no landmarks (faces loaded "
+                                     "from a file saved without them); use Face Mask's faces, or set store_landmarks "
+                                     "to auto/no.")
+        landmarks = [r.landmarks for r in faces.faces]
     if info.keyed.lock is None:
         raise InputMismatchError("this latent was never key-flipped, so it is not anonymized; run Apply Key Flip "
                                  "before Regenerate.")
@@ -232,7 +241,7 @@ def build_record(faces: FaceSet, info: AnonymizedInfo, pixels: np.ndarray,
                                                  float(getattr(fmt, "shift_factor", 0.0) or 0.0))
     return anonymized_file.build(pixels, [r.box for r in faces.faces], [r.mask.cpu().numpy() for r in faces.faces],
                                  faces.crop_size, info.keyed, info.settings, info.render, latent_format, info.samples,
-                                 sealed_pixels)
+                                 sealed_pixels, landmarks)
 
 
 def file_to_inputs(file: anonymized_file.AnonymizedFile, image: torch.Tensor) -> tuple[dict, FaceSet]:
@@ -240,7 +249,8 @@ def file_to_inputs(file: anonymized_file.AnonymizedFile, image: torch.Tensor) ->
     H, W = image.shape[1:3]
     _check_size(file.image_size, W, H)
     _check_schedule(file.inversion)
-    regions = tuple(FaceRegion(int(index), tuple(face.box), torch.from_numpy(face.crop_mask.astype(np.float32) / 255.0))
+    regions = tuple(FaceRegion(int(index), tuple(face.box), torch.from_numpy(face.crop_mask.astype(np.float32) / 255.0),
+                               None if face.landmarks is None else face.landmarks.copy())
                     for index, face in zip(file.keyed.faces.face_indices, file.faces))
     faces = FaceSet((H, W), file.crop_size, regions)
     info = AnonymizedInfo(file.inversion, file.keyed, file.render, file.anonymized, file.latent_format, None,
@@ -374,6 +384,20 @@ def prefix_repeats_source_name(prefix: str, prompt) -> bool:
             if isinstance(value, str) and value.lower().split(" [")[0].endswith(_IMAGE_SUFFIXES):
                 sources |= _words(Path(value.split(" [")[0]).stem)
     return bool((sources - _NEUTRAL_WORDS) & _words(prefix))
+
+
+STORE_LANDMARKS = ("auto", "yes", "no")
+HINT_NODE = "KeyFaceFaceHint"
+
+
+def wants_landmarks(choice: str, prompt) -> bool:
+    """Save Anonymized's store_landmarks: auto = only when the graph draws a Face Hint (then Restore needs them)."""
+    if choice not in STORE_LANDMARKS:
+        raise InputMismatchError(f"store_landmarks must be one of {', '.join(STORE_LANDMARKS)}; got '{choice}'.")
+    if choice != "auto":
+        return choice == "yes"
+    return isinstance(prompt, dict) and any(isinstance(n, dict) and n.get("class_type") == HINT_NODE
+                                            for n in prompt.values())
 
 
 def anonymized_file_path(prefix: str, image_hw) -> Path:
@@ -515,6 +539,11 @@ class SaveAnonymized(io.ComfyNode):
                 io.Image.Input("original", optional=True, tooltip="Lossless mode: the original photo (LoadImage)."),
                 io.Vae.Input("vae", optional=True, tooltip="Lossless mode: the VAE that decoded the faces."),
                 KeyFaceKey.Input("key", optional=True, tooltip="Lossless mode: the key that seals the pixel residual."),
+                io.Combo.Input("store_landmarks", options=list(STORE_LANDMARKS), default="auto", optional=True,
+                               tooltip="Store each face's 68 landmarks (numbers, in the clear) so Restore can redraw "
+                                       "the same Face Hint for its ControlNet. auto: only when this graph has a Face "
+                                       "Hint node. They reveal the original face's geometry (expression, pose, face "
+                                       "proportions), never its texture or an identity descriptor."),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt],
@@ -522,7 +551,7 @@ class SaveAnonymized(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, faces, latent, filename_prefix, lossless=False, original=None, vae=None,
-                key=None) -> io.NodeOutput:
+                key=None, store_landmarks="auto") -> io.NodeOutput:
         info = info_of(latent)
         if not isinstance(info, AnonymizedInfo):
             raise InputMismatchError("Save Anonymized needs Regenerate's LATENT output, unchanged.")
@@ -537,7 +566,8 @@ class SaveAnonymized(io.ComfyNode):
         sealed_pixels = None
         if lossless:
             sealed_pixels = _seal_pixels(info, faces, pixels, original, vae, key)
-        record = build_record(faces, info, pixels, sealed_pixels)
+        store = wants_landmarks(store_landmarks, getattr(hidden, "prompt", None))
+        record = build_record(faces, info, pixels, sealed_pixels, store)
         path = anonymized_file_path(filename_prefix, faces.image_hw)
         pngio.write_png_atomic(path, pixels, record)
         folder = Path(folder_paths.get_output_directory())

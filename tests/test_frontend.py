@@ -38,6 +38,7 @@ import make_workflows  # noqa: E402
 from keyface_dev import frontend, workflow_ui  # noqa: E402
 
 CROP, STEPS = 64, 4
+CONTROLNET = "keyface_tiny_controlnet.safetensors"   # what the user picks in ControlNetLoader; here the tiny one
 UPDATE_DOCS = os.environ.get("KEYFACE_UPDATE_DOCS") == "1"
 SCREENSHOTS = REPO / "docs" / "screenshots"
 PACK = "KeyFace"   # the folder name ComfyUI serves the templates under (custom_nodes/KeyFace)
@@ -68,6 +69,10 @@ def ui(tmp_path_factory, host):
     keys.mkdir()
     from keyface_core.keys import write_key_file
     write_key_file(keys / KEY_NAME)
+    # The "keeping expression" workflows' ControlNetLoader lists the server's models/controlnet: a seeded ControlNet
+    # file of ComfyUI's own classes, shaped for the tiny checkpoint's UNet (cached; ComfyUI's folder is ignored).
+    from keyface_dev import comfy_host, tiny_models
+    tiny_models.save_controlnet_file(comfy_host.comfy_dir() / "models" / "controlnet" / CONTROLNET)
     server = frontend.ComfyServer(checkpoints=checkpoint.parent, keys_dir=keys, work=work)
     (work / "input").mkdir()
     for sample in (REPO / "assets").glob("sample_*.jpg"):
@@ -91,7 +96,7 @@ def load(page, console, workflow: dict):
 def test_workflow_loads_cleanly_and_converts_to_its_api_twin(ui, workflow_id, request):
     server, page, console, _, _ = ui
     ui_path, api_path = make_workflows.paths(workflow_id)
-    if workflow_id == "restore":   # the file it names must exist, or the image preview 404s (as for any loader)
+    if workflow_id in ("restore", "restore_expression"):   # the file it names must exist, or its preview 404s
         shutil.copy(request.getfixturevalue("anonymized"), server.folder("input") / "keyface_anonymized.png")
     mark = load(page, console, json.loads(ui_path.read_text()))
     assert page.evaluate(frontend.JS_MISSING) == []
@@ -218,6 +223,37 @@ def test_templates_dialog_lists_the_pack_and_its_restore_template_runs(ui, anony
     restored = server.folder("output") / images[0]["subfolder"] / images[0]["filename"]
     if UPDATE_DOCS:
         frontend.before_after(anonymized, restored, thumbnail("restore"), ("anonymized", "restored"), box=face_box(anonymized))
+
+
+def test_keeping_expression_workflows_run_in_the_editor(ui):
+    """Anonymize keeping expression, then its restore twin, in the editor with the user's picks only (checkpoint,
+    ControlNet, the anonymized PNG through the upload button): the file carries the landmarks and Restore, redrawing
+    the hint from them, reports the face latent verified exact."""
+    from keyface_core import pngio
+    server, page, console, _, checkpoint = ui
+    load(page, console, json.loads(make_workflows.paths("anonymize_expression")[0].read_text()))
+    entry = run_in_editor(server, page, console, {**fast(checkpoint), "ControlNetLoader.control_net_name": CONTROLNET})
+    images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    assert len(images) == 1 and images[0]["filename"].startswith("anonymized_")
+    saved = server.folder("output") / images[0]["subfolder"] / images[0]["filename"]
+    record = pngio.read_png(saved)[1]
+    assert all(face.landmarks is not None for face in record.faces)
+    if UPDATE_DOCS:
+        frontend.before_after(server.folder("input") / "keyface_sample_face.jpg", saved,
+                              thumbnail("anonymize_expression"), box=face_box(saved))
+
+    load(page, console, json.loads(make_workflows.paths("restore_expression")[0].read_text()))
+    assert page.evaluate(frontend.JS_MISSING) == []
+    assert frontend.upload_through_widget(page, "KeyFaceLoadAnonymized", saved) == saved.name
+    entry = run_in_editor(server, page, console, {"CheckpointLoaderSimple.ckpt_name": checkpoint,
+                                                  "ControlNetLoader.control_net_name": CONTROLNET})
+    assert "verified exact" in json.dumps(entry["outputs"]), entry["outputs"]
+    images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    assert len(images) == 1 and images[0]["filename"].startswith("restored_")
+    if UPDATE_DOCS:
+        restored = server.folder("output") / images[0]["subfolder"] / images[0]["filename"]
+        frontend.before_after(saved, restored, thumbnail("restore_expression"), ("anonymized", "restored"),
+                              box=face_box(saved))
 
 
 def test_generator_uses_the_servers_object_info(ui, host):
