@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path

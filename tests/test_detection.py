@@ -8,7 +8,6 @@ which fails the case, while keyface_core.faces passes it. Bad-input rows B53-B58
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ pytest.importorskip("dlib")
 from conftest import faces_dir  # noqa: E402
 from keyface_core import faces as F  # noqa: E402
 from keyface_core import masks as M  # noqa: E402
-from keyface_core.errors import InputMismatchError, KeyFaceError, NoFaceError  # noqa: E402
+from keyface_core.errors import InputMismatchError, KeyFaceError  # noqa: E402
 
 _photos: dict = {}
 
