@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-size", type=int, help="identity harness: face crop size (default 128 for the tiny "
                         "model, 512 with --checkpoint)")
     parser.add_argument("--limit", type=int, help="identity harness: at most this many photos")
+    parser.add_argument("--coverage", default="face", help="identity harness: Face Mask coverage levels to compare, "
+                        "comma-separated (face, face+ears+neck, head; default face). The first is the main table; "
+                        "each level adds a row to the per-coverage table.")
     args = parser.parse_args(argv)
 
     only = set(SECTIONS) if not args.only else {s.strip() for s in args.only.split(",") if s.strip()}
@@ -214,9 +217,14 @@ def main(argv=None) -> int:
             folder = common.FACES_DIR
             files = identity.photo_files(folder)
             n = len(files) + (min(c["limit"], len(files)) if c["limit"] else len(files))
-            with bar("identity harness", n) as p:
-                res["identity"] = identity.harness(models, folder, c["steps"], c["mode"], c["crop_size"], c["limit"],
-                                                   out / "raw" / "identity", p, log)
+            levels = [v.strip() for v in args.coverage.split(",") if v.strip()] or ["face"]
+            res["identity_by_coverage"] = {}
+            for level in levels:
+                with bar(f"identity harness ({level})", n) as p:
+                    run = identity.harness(models, folder, c["steps"], c["mode"], c["crop_size"], c["limit"],
+                                           out / "raw" / "identity" / level.replace("+", "_"), p, log, coverage=level)
+                res.setdefault("identity", run)
+                res["identity_by_coverage"][level] = run["summary"]
         section("identity", run_identity)
 
     if "analytic" in only:

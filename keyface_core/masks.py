@@ -163,8 +163,7 @@ def crop_square(image_hw_c: torch.Tensor, box, out_size: int) -> torch.Tensor:
     return _resize_hwc(image_hw_c[y : y + size, x : x + size], int(out_size), "bicubic")
 
 
-def paste_square(image: torch.Tensor, crop: torch.Tensor, box, crop_mask: torch.Tensor) -> torch.Tensor:
-    """Paste a processed square crop back into a copy of an [H,W,C] image through its soft mask."""
+def _check_paste(image: torch.Tensor, crop: torch.Tensor, crop_mask: torch.Tensor) -> None:
     if image.ndim != 3 or crop.ndim != 3 or crop.shape[-1] != image.shape[-1]:
         raise InputMismatchError(
             f"paste_square takes an image [H,W,C] and a crop [S,S,C] with the same C; got "
@@ -175,10 +174,36 @@ def paste_square(image: torch.Tensor, crop: torch.Tensor, box, crop_mask: torch.
             f"The crop mask {tuple(crop_mask.shape)} must match the crop's height and width "
             f"{tuple(crop.shape[:2])}; build it with face_mask_in_box at the crop's out_size."
         )
-    x, y, size = _check_box(image.shape[:2], box)
-    patch = _resize_hwc(crop, size, "bicubic").to(image.dtype)
+
+
+def paste_square_(out: torch.Tensor, crop: torch.Tensor, box, crop_mask: torch.Tensor) -> torch.Tensor:
+    """In place: paste a square crop into `out` [H,W,C] through its soft mask; only the box is read or written.
+
+    Exactly `paste_square`'s pixels, without copying the photo: the caller owns `out` (one copy for all faces)."""
+    _check_paste(out, crop, crop_mask)
+    x, y, size = _check_box(out.shape[:2], box)
     soft = _resize_hwc(crop_mask[..., None], size, "bilinear")[..., 0]
+    rows = torch.nonzero(soft.amax(dim=1) > 0).flatten()
+    if rows.numel() == 0:
+        return out
+    cols = torch.nonzero(soft.amax(dim=0) > 0).flatten()
+    # Only the mask's support changes; composite keeps everything else bit for bit anyway.
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    patch = _resize_hwc(crop, size, "bicubic")[r0:r1, c0:c1].to(out.dtype)
+    region = out[y + r0 : y + r1, x + c0 : x + c1]
+    region.copy_(composite(region, patch.to(region.device), soft[r0:r1, c0:c1]))
+    return out
+
+
+def paste_square(image: torch.Tensor, crop: torch.Tensor, box, crop_mask: torch.Tensor) -> torch.Tensor:
+    """Paste a processed square crop back into a copy of an [H,W,C] image through its soft mask."""
+    _check_paste(image, crop, crop_mask)
+    return paste_square_(image.clone(), crop, box, crop_mask)
+
+
+def paste_squares(image: torch.Tensor, crops, boxes, crop_masks) -> torch.Tensor:
+    """All faces pasted into ONE copy of the [H,W,C] image, in order (same pixels as chained paste_square)."""
     out = image.clone()
-    region = out[y : y + size, x : x + size]
-    out[y : y + size, x : x + size] = composite(region, patch.to(region.device), soft)
+    for crop, box, crop_mask in zip(crops, boxes, crop_masks):
+        paste_square_(out, crop, box, crop_mask)
     return out

@@ -33,12 +33,15 @@ FacesType = io.Custom("KEYFACE_FACES")
 
 @dataclass(frozen=True)
 class FaceRegion:
-    """One face of a photo: its square crop box (x, y, size) in image pixels and soft crop mask."""
+    """One face of a photo: its square crop box (x, y, size) in image pixels and soft crop mask.
+
+    `landmarks`: dlib's 68 points (float32 [68,2]) in CROP pixels of this face's crop, i.e.
+    (lm - (x, y)) * crop_size / size; None when the face did not come from detection (a loaded file)."""
 
     index: int
     box: tuple
     mask: torch.Tensor  # [S,S] float32, multiples of 1/255 so the stored uint8 mask reproduces it
-    landmarks: np.ndarray | None = None  # float32 [68,2] dlib landmarks in CROP pixels: (lm - (x, y)) * S / size
+    landmarks: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -93,36 +96,80 @@ def _blank_image_hint(pixels: np.ndarray) -> str:
     return ""
 
 
-def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
-           max_faces: int = 16, min_face_px: int = 0) -> tuple[torch.Tensor, FaceSet]:
-    """dlib faces of one IMAGE -> (full-size soft MASK [1,H,W], FaceSet with crop boxes and soft crop masks)."""
+@dataclass(frozen=True)
+class Detection:
+    """What Face Mask found: the full-size MASK, the FaceSet of the chosen faces, every face found (numbered as
+    in the preview) and which of them were chosen."""
+
+    mask: torch.Tensor
+    faces: FaceSet
+    found: tuple
+    chosen: tuple
+
+    def preview(self, image: torch.Tensor) -> torch.Tensor:
+        """IMAGE [1,H,W,3]: the photo with every detected face boxed and numbered (skipped faces in red)."""
+        return torch.from_numpy(face_core.preview(_to_uint8(_rgb(image)[0]), list(self.found), list(self.chosen))
+                                .astype(np.float32) / 255.0)[None]
+
+
+def _crop_box(det, coverage: str, image_hw, context: float) -> tuple:
+    """Square crop box: `context` x the face box, grown (never shrunk) to hold the whole coverage mask."""
+    if coverage == "face":
+        return mask_core.square_crop_box(det.box, image_hw, context)
+    bx0, by0, bx1, by1 = face_core.coverage_bounds(det.landmarks, coverage)
+    x0, y0, x1, y1 = det.box
+    ux0, uy0, ux1, uy1 = min(bx0, x0), min(by0, y0), max(bx1, x1), max(by1, y1)
+    # The mask's extent plus 15 % for the feathered edge, or the usual context around the face box.
+    side = max(context * max(x1 - x0, y1 - y0), 1.15 * max(ux1 - ux0, uy1 - uy0))
+    cx, cy = (ux0 + ux1) / 2, (uy0 + uy1) / 2
+    return mask_core.square_crop_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), image_hw, 1.0)
+
+
+def find_faces(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
+               max_faces: int = 16, min_face_px: int = 0, detector: str = "auto", coverage: str = "face",
+               threshold: float = 0.0, which: str = "all") -> Detection:
+    """Face Mask: detect faces in one IMAGE, choose which to anonymize, build their crop boxes and soft masks."""
     image = _rgb(image)
     if image.shape[0] != 1:
         raise InputMismatchError(f"Face Mask takes one photo at a time (batch 1); got a batch of {image.shape[0]}. "
                                  f"An animated GIF/WebP/APNG loads as its {image.shape[0]} frames: pick the frame to "
                                  "anonymize with Image From Batch (frame 1 is batch_index 0). Otherwise run the "
                                  "workflow once per photo.")
-    pixels = _to_uint8(image[0])
-    found = face_core.detect_faces(pixels, min_face_px=min_face_px)
+    # The float IMAGE itself: detection downsizes it before any 8-bit conversion (cost follows the faces).
+    found = face_core.detect_faces(image[0], detector=detector, min_face_px=min_face_px, threshold=threshold)
     if not found:
-        raise NoFaceError("no face was found in the image, so nothing would be anonymized. Try a larger or frontal "
-                          "face, or connect your own MASK to Crop Faces." + _blank_image_hint(pixels))
-    found = sorted(found, key=lambda d: -d.score)[:max_faces]
-    found = sorted(found, key=lambda d: (d.box[0], d.box[1]))
-    H, W = pixels.shape[:2]
+        raise NoFaceError("no face was found in the image, so nothing would be anonymized. Try the 'auto' or 'cnn' "
+                          "detector, a lower threshold or min_face_px, or connect your own MASK to Crop Faces."
+                          + _blank_image_hint(_to_uint8(image[0])))
+    chosen = face_core.select_faces(found, which)
+    # max_faces keeps the most confident of the chosen faces.
+    chosen = sorted(sorted(chosen, key=lambda i: -found[i].score)[:max_faces])
+    if not chosen:
+        raise NoFaceError(f"faces '{which}' chose none of the {len(found)} faces found, so nothing would be "
+                          "anonymized; see the preview for their numbers.")
+    H, W = image.shape[1:3]
     regions, full = [], torch.zeros(H, W)
-    for index, det in enumerate(found):
-        box = mask_core.square_crop_box(det.box, (H, W), context)
-        hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, crop_size))
+    for index, i in enumerate(chosen):
+        det = found[i]
+        box = _crop_box(det, coverage, (H, W), context)
+        hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, crop_size, coverage=coverage))
         soft = _quantize(mask_core.feather(hard, max(1.0, feather_frac * crop_size)))
-        landmarks = ((det.landmarks.astype(np.float64) - np.asarray(box[:2], np.float64))
-                     * (crop_size / float(box[2]))).astype(np.float32)
-        regions.append(FaceRegion(index, tuple(int(v) for v in box), soft, landmarks))
-        # The full-size MASK only changes inside the crop box: resize the crop mask there (cost ∝ face, not photo).
         x, y, size = (int(v) for v in box)
+        crop_lm = ((np.asarray(det.landmarks, np.float64) - (x, y)) * (crop_size / size)).astype(np.float32)
+        regions.append(FaceRegion(index, (x, y, size), soft, crop_lm))
+        # The full-size MASK only changes inside the crop box: resize the crop mask there (cost ∝ face, not photo).
         patch = torch.nn.functional.interpolate(soft[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0]
         full[y:y + size, x:x + size] = torch.maximum(full[y:y + size, x:x + size], patch)
-    return full[None], FaceSet((H, W), int(crop_size), tuple(regions))
+    return Detection(full[None], FaceSet((H, W), int(crop_size), tuple(regions)), tuple(found), tuple(chosen))
+
+
+def detect(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
+           max_faces: int = 16, min_face_px: int = 0, detector: str = "auto", coverage: str = "face",
+           threshold: float = 0.0, which: str = "all") -> tuple[torch.Tensor, FaceSet]:
+    """Faces of one IMAGE -> (full-size soft MASK [1,H,W], FaceSet with crop boxes and soft crop masks)."""
+    result = find_faces(image, crop_size, context, feather_frac, max_faces, min_face_px, detector, coverage,
+                        threshold, which)
+    return result.mask, result.faces
 
 
 def crop(image: torch.Tensor, faces: FaceSet, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, FaceSet]:
@@ -154,11 +201,11 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet) -> torch.Ten
     if crops.shape[0] != len(faces.faces):
         raise InputMismatchError(f"{crops.shape[0]} crops for {len(faces.faces)} faces; connect the decoded crops of "
                                  "the same Crop Faces run (same order).")
-    out = image[0]
+    out = image[0].clone()  # the one copy of the photo; each face writes only its box
     for region, face in zip(faces.faces, crops):
         if face.shape[0] != faces.crop_size or face.shape[1] != faces.crop_size:
             face = mask_core.crop_square(face, (0, 0, min(face.shape[:2])), faces.crop_size)
-        out = mask_core.paste_square(out, face, region.box, region.mask)
+        mask_core.paste_square_(out, face, region.box, region.mask)
     return out[None]
 
 
@@ -379,8 +426,10 @@ class FaceMask(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KeyFaceFaceMask", display_name="Face Mask", category=CATEGORY,
-            description="Finds faces with dlib (bundled models, no download) and makes a soft face-skin mask per face, "
-                        "plus the square crop each face will be anonymized in.",
+            description="Finds faces with dlib (bundled models, no download), numbers them in a preview, and makes a "
+                        "soft mask per chosen face (face, face+ears+neck or whole head), plus the square crop each "
+                        "face will be anonymized in. Non-faces are rejected by a landmark plausibility check.",
+            # The controls added later are optional, so workflows saved before them still validate.
             inputs=[
                 io.Image.Input("image", tooltip="One photo (RGB, RGBA or grayscale; alpha is ignored)."),
                 io.Int.Input("crop_size", default=512, min=64, max=4096, step=64,
@@ -390,18 +439,41 @@ class FaceMask(io.ComfyNode):
                 io.Float.Input("feather", default=0.06, min=0.0, max=0.25, step=0.01,
                                tooltip="Soft edge width, as a fraction of the crop size."),
                 io.Int.Input("max_faces", default=16, min=1, max=256,
-                             tooltip="Keep at most this many faces (the most confident ones)."),
-                io.Int.Input("min_face_px", default=0, min=0, max=4096, tooltip="Ignore faces smaller than this (pixels)."),
+                             tooltip="Keep at most this many of the chosen faces (the most confident ones)."),
+                io.Int.Input("min_face_px", default=0, min=0, max=4096,
+                             tooltip="Smallest face to look for and keep (box width in photo pixels). 0 = automatic: "
+                                     "32 px, or 1/64 of the photo's long side up to 64 px (12 MP: 64 px). Smaller "
+                                     "values find smaller faces and cost more time."),
+                io.Combo.Input("detector", options=list(face_core.DETECTORS), default="auto", optional=True,
+                               tooltip="auto: HOG; when it finds nothing, HOG on the photo turned 90/270 degrees, then "
+                                       "dlib's CNN. hog: fast, frontal faces (today's detector). cnn: dlib's CNN, more "
+                                       "poses, slow on CPU (run on a copy of at most 0.5 MP)."),
+                io.Combo.Input("coverage", options=list(face_core.COVERAGES), default="face", optional=True,
+                               tooltip="How much of the head to replace. face: the face oval (ears, hair and neck stay "
+                                       "original and can still identify). face+ears+neck: also ears and neck. head: "
+                                       "the whole head with hair. More coverage hides more but changes more."),
+                io.Float.Input("threshold", default=0.0, min=-1.0, max=3.0, step=0.05, optional=True,
+                               tooltip="Detector score a face must reach (0 = dlib's default). Lower finds more "
+                                       "(and more non-faces, still filtered by the plausibility check); higher keeps "
+                                       "only sure faces."),
+                io.String.Input("faces", default="all", optional=True,
+                                tooltip="Which faces to anonymize: 'all', 'largest N', or numbers from the preview "
+                                        "such as '0, 2' or '1-3'."),
             ],
-            outputs=[io.Mask.Output(display_name="mask", tooltip="Soft mask of every face, at the photo's size."),
+            outputs=[io.Mask.Output(display_name="mask", tooltip="Soft mask of every chosen face, at the photo's size."),
                      FacesType.Output(display_name="faces", tooltip="Where each face is: crop boxes and crop masks, "
-                                                                    "for Crop Faces / Paste Faces / Save Anonymized.")],
+                                                                    "for Crop Faces / Paste Faces / Save Anonymized."),
+                     io.Image.Output(display_name="preview", tooltip="The photo with every detected face boxed and "
+                                                                     "numbered (green: anonymized, red: skipped); "
+                                                                     "use the numbers in 'faces'.")],
         )
 
     @classmethod
-    def execute(cls, image, crop_size, context, feather, max_faces, min_face_px) -> io.NodeOutput:
-        mask, faces = detect(image, crop_size, context, feather, max_faces, min_face_px)
-        return io.NodeOutput(mask, faces)
+    def execute(cls, image, crop_size, context, feather, max_faces, min_face_px, detector="auto", coverage="face",
+                threshold=0.0, faces="all") -> io.NodeOutput:
+        result = find_faces(image, crop_size, context, feather, max_faces, min_face_px, detector, coverage,
+                            threshold, faces)
+        return io.NodeOutput(result.mask, result.faces, result.preview(image))
 
 
 class CropFaces(io.ComfyNode):

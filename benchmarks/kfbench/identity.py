@@ -112,7 +112,8 @@ def recognizer_check(originals: dict) -> dict:
 
 
 def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int, limit: int | None, out_dir: Path,
-            progress, log=print) -> dict:
+            progress, log=print, coverage: str = "face") -> dict:
+    """coverage: Face Mask's coverage level (face, face+ears+neck, head) of the anonymized region."""
     F = pack("keyface_core.faces")
     FN = pack("nodes.face_nodes")
     key, wrong = new_key("right"), new_key("wrong")
@@ -142,7 +143,7 @@ def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int,
         rec = originals[path.name]
         image, u8 = rec["image"], rec["u8"]
         anon, faces, anon_latent, original_latent, anon_calls = anonymize_photo(models, image, key, steps, mode,
-                                                                                crop_size)
+                                                                                crop_size, coverage=coverage)
         loaded, latent, faces_l, size, _, warn = save_and_load(models, anon, faces, anon_latent, out_dir, path.stem)
         restored, _, stats, report = restore_photo(models, loaded, latent, faces_l, key)
         wrong_img, _, wrong_stats, _ = restore_photo(models, loaded, latent, faces_l, wrong, allow_wrong_key=True)
@@ -221,5 +222,5 @@ def harness(models: Models, folder: Path, steps: int, mode: str, crop_size: int,
     summary["lossless_png_bytes_added_per_face"] = mean(
         [(p["png_bytes_lossless"] - p["png_bytes"]) / p["faces"] for p in per_photo])
     return {"model": models.name, "real_checkpoint": models.real, "folder": os.path.relpath(folder, REPO), "steps": steps, "mode": mode,
-            "crop_size": crop_size, "threshold": THRESHOLD, "recognizer_check": check, "summary": summary,
+            "crop_size": crop_size, "coverage": coverage, "threshold": THRESHOLD, "recognizer_check": check, "summary": summary,
             "per_face": faces_out, "per_photo": per_photo}

@@ -33,7 +33,7 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def anonymize_photo(models: Models, image: torch.Tensor, key, steps: int, mode: str, crop_size: int,
-                    stages: dict | None = None, sampler=None):
+                    stages: dict | None = None, sampler=None, coverage: str = "face"):
     """-> (anonymized IMAGE, FaceSet, anonymized LATENT (Regenerate's output), original face LATENT, model calls).
 
     Regenerate draws with `sampler` (default: the node's, dpmpp_2m) at the same steps as the inversion."""
@@ -48,7 +48,7 @@ def anonymize_photo(models: Models, image: torch.Tensor, key, steps: int, mode: 
             stages[name] = stages.get(name, 0.0) + now - mark[0]
         mark[0] = now
 
-    _, faces = FN.detect(image, crop_size)
+    _, faces = FN.detect(image, crop_size, coverage=coverage)
     stage("detect")
     crops, masks, faces = FN.crop(image, faces)
     stage("crop")
