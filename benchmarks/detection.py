@@ -33,7 +33,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+from PIL import Image  # noqa: E402
 
 MODES = ("main", "hog", "auto", "cnn")
 # Faces in each shared photo, counted by looking at it. obama_and_biden.jpg: a child at the lower right, head
@@ -99,22 +99,6 @@ def turned_box(F, box, k: int, H: int, W: int):
     return (*pts.min(axis=0), *pts.max(axis=0))
 
 
-def round_patch(image: np.ndarray) -> np.ndarray:
-    """The patch of tests/test_detection.py (seed 204), drawn on the suits of obama_and_biden.jpg."""
-    base = Image.fromarray(image)
-    cx, cy, r = 1000, 1150, 90
-    rng = np.random.default_rng(204)
-    draw = ImageDraw.Draw(base)
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(60, 240, 3)))
-    for _ in range(rng.integers(2, 6)):
-        bx, by = rng.uniform(-0.6, 0.6, 2) * r
-        br = rng.uniform(0.08, 0.3) * r
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        draw.ellipse((cx + bx - br, cy + by - br * rng.uniform(0.5, 1.5), cx + bx + br,
-                      cy + by + br * rng.uniform(0.5, 1.5)), fill=colour)
-    return np.asarray(base.filter(ImageFilter.GaussianBlur(2)))
-
-
 def scene(F, photos: dict, widths) -> tuple[np.ndarray, list]:
     """4000x3000 uint8: obama_and_biden's streamers (no faces) upscaled, with faces of these widths pasted."""
     canvas = Image.fromarray(photos["obama_and_biden.jpg"]).crop((0, 0, 700, 330)).resize((4000, 3000), Image.BICUBIC)
@@ -153,6 +137,7 @@ def build_sets(F, scored: dict, photos: dict) -> dict:
                 sets["edge"].append((f"{name} cut at the {side}", part, [(x0 + dx, y0 + dy, x1 + dx, y1 + dy)]))
     big, truth = scene(F, photos, SMALL_WIDTHS)
     sets["small"].append((f"12 MP scene, faces {', '.join(map(str, SMALL_WIDTHS))} px", big, truth))
+    from keyface_dev.synthetic_faces import round_patch
     group = photos["obama_and_biden.jpg"]
     sets["patch"].append(("obama_and_biden.jpg + round patch", round_patch(group),
                           [d.box for d in F.detect_faces(group, detector="auto")]))

@@ -124,7 +124,8 @@ def anonymize_expression(photo: str, title: str) -> dict[str, Node]:
     return nodes
 
 
-def restore_expression() -> dict[str, Node]:
+def restore_sources() -> dict[str, Node]:
+    """What every restore graph starts from: the checkpoint, the anonymized PNG and the key."""
     return {
         "checkpoint": Node("CheckpointLoaderSimple", "Your files", {"ckpt_name": CHECKPOINT},
                            "Same checkpoint as the anonymizing run", lane=-1),
@@ -133,6 +134,12 @@ def restore_expression() -> dict[str, Node]:
                                                                    "metadata": "(from the image)"},
                            "Anonymized PNG (as saved)"),
         "key": Node("KeyFaceLoadKey", "Your files", dict(LOAD_KEY), "The key that anonymized it", lane=-1),
+    }
+
+
+def restore_expression() -> dict[str, Node]:
+    return {
+        **restore_sources(),
         "hint": Node("KeyFaceFaceHint", "Restore", {"faces": Out("anonymized", "faces"), "style": HINT_STYLE},
                      "Face Hint (same style, from the stored landmarks)"),
         "prompt": Node("CLIPTextEncode", "Restore", {"text": PROMPT, "clip": Out("checkpoint", "CLIP")},
@@ -162,13 +169,7 @@ WORKFLOWS = {
                              anonymize("keyface_sample_group.jpg", "Photo with several faces")),
     "restore": Graph("Restore faces with the key", (("Your files", BLUE), ("Restore", PURPLE), ("Save", GREEN)),
                      RESTORE_NOTE, {
-        "checkpoint": Node("CheckpointLoaderSimple", "Your files", {"ckpt_name": CHECKPOINT},
-                           "Same checkpoint as the anonymizing run", lane=-1),
-        "anonymized": Node("KeyFaceLoadAnonymized", "Your files", {"image": "keyface_anonymized.png",
-                                                                   "vae": Out("checkpoint", "VAE"),
-                                                                   "metadata": "(from the image)"},
-                           "Anonymized PNG (as saved)"),
-        "key": Node("KeyFaceLoadKey", "Your files", dict(LOAD_KEY), "The key that anonymized it", lane=-1),
+        **restore_sources(),
         "prompt": Node("CLIPTextEncode", "Restore", {"text": PROMPT, "clip": Out("checkpoint", "CLIP")},
                        "Same prompt as the anonymizing run", lane=-1),
         "restore": Node("KeyFaceRestore", "Restore", {"model": Out("checkpoint", "MODEL"), "latent": Out("anonymized", "latent"),

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 pytest.importorskip("dlib")
 
 from conftest import faces_dir  # noqa: E402
 from keyface_core import faces as F  # noqa: E402
+from keyface_dev.synthetic_faces import PATCH_CENTRE_RADIUS, round_patch  # noqa: E402
 from keyface_core import masks as M  # noqa: E402
 from keyface_core.errors import InputMismatchError, KeyFaceError  # noqa: E402
 
@@ -109,20 +110,8 @@ def test_face_in_a_photo_turned_90_degrees_is_found_in_auto_mode(obama):
 
 
 def round_patch_photo() -> tuple[np.ndarray, tuple]:
-    """obama_and_biden.jpg with a round coloured patch drawn on the suits (seed 204 of a search for patches
-    that main's HOG detector takes for a face). -> (pixels, patch centre and radius)."""
-    base = Image.fromarray(photo("obama_and_biden.jpg"))
-    cx, cy, r = 1000, 1150, 90
-    rng = np.random.default_rng(204)
-    draw = ImageDraw.Draw(base)
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(60, 240, 3)))
-    for _ in range(rng.integers(2, 6)):
-        bx, by = rng.uniform(-0.6, 0.6, 2) * r
-        br = rng.uniform(0.08, 0.3) * r
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        draw.ellipse((cx + bx - br, cy + by - br * rng.uniform(0.5, 1.5), cx + bx + br,
-                      cy + by + br * rng.uniform(0.5, 1.5)), fill=colour)
-    return np.asarray(base.filter(ImageFilter.GaussianBlur(2))), (cx, cy, r)
+    """obama_and_biden.jpg with a round coloured patch drawn on the suits. -> (pixels, patch centre and radius)."""
+    return round_patch(photo("obama_and_biden.jpg")), PATCH_CENTRE_RADIUS
 
 
 def test_round_patch_on_clothing_is_rejected_by_the_plausibility_check():

@@ -65,7 +65,6 @@ def discrete_schedule(table: torch.Tensor, steps: int, scheduler: str) -> torch.
     if steps < 1:
         raise InputMismatchError("steps must be at least 1")
     log_table = table.log()
-    sigma_min, sigma_max = float(table[0]), float(table[-1])
 
     def sigma_at(t: torch.Tensor) -> torch.Tensor:   # k-diffusion DiscreteSchedule.t_to_sigma
         low = t.floor().long().clamp(0, len(table) - 1)
@@ -73,8 +72,16 @@ def discrete_schedule(table: torch.Tensor, steps: int, scheduler: str) -> torch.
         w = t - low
         return ((1 - w) * log_table[low] + w * log_table[high]).exp()
 
+    return schedule_over(table, steps, scheduler,
+                         lambda: sigma_at(torch.linspace(len(table) - 1, 0, steps, dtype=torch.float64)))
+
+
+def schedule_over(table: torch.Tensor, steps: int, scheduler: str, normal: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """float32 sigmas descending to 0 over an ascending training table, as comfy.samplers.calculate_sigmas: one
+    code for discrete and flow models; `normal` gives the model's own evenly spaced sigmas (its time-to-sigma map)."""
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
     if scheduler == "normal":
-        sig = sigma_at(torch.linspace(len(table) - 1, 0, steps, dtype=torch.float64))
+        sig = normal()
     elif scheduler == "simple":
         stride = len(table) / steps
         sig = torch.stack([table[-(1 + int(i * stride))] for i in range(steps)])

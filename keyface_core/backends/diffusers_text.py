@@ -22,7 +22,7 @@ import torch
 from keyface_core import sampling
 from keyface_core.errors import InputMismatchError
 
-from .diffusers import LoadedModel, nearest_timestep
+from .diffusers import LoadedModel, nearest_timestep, schedule_over
 
 COND_PREFIX = "dfc1-"   # bump when what the digest covers changes
 
@@ -234,29 +234,12 @@ def flow_table(shift: float, steps: int = 1000, rule: str = "sd3") -> torch.Tens
 
 def flow_schedule(shift: float, steps: int, scheduler: str, train_steps: int = 1000, rule: str = "sd3") -> torch.Tensor:
     """float32 flow sigmas from 1 down to 0, as comfy.samplers.calculate_sigmas computes them for a flow model."""
-    from .diffusers import SCHEDULERS
     if steps < 1:
         raise InputMismatchError("steps must be at least 1")
     table = flow_table(shift, train_steps, rule)
     sigma_min, sigma_max = float(table[0]), float(table[-1])
-
-    def shifted(t: torch.Tensor) -> torch.Tensor:
-        return _shifted(t, shift, rule)
-
-    if scheduler == "normal":
-        sig = shifted(torch.linspace(sigma_max, sigma_min, steps, dtype=torch.float64))
-    elif scheduler == "simple":
-        stride = len(table) / steps
-        sig = torch.stack([table[-(1 + int(i * stride))] for i in range(steps)])
-    elif scheduler == "karras":
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        rho = 7.0
-        sig = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    elif scheduler == "exponential":
-        sig = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
-    else:
-        raise InputMismatchError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    return torch.cat([sig, sig.new_zeros(1)]).to(torch.float32)
+    return schedule_over(table, steps, scheduler, lambda: _shifted(
+        torch.linspace(sigma_max, sigma_min, steps, dtype=torch.float64), shift, rule))
 
 
 @dataclass
