@@ -164,6 +164,18 @@ def _run_options(fn):
               help="At most this many faces per photo (the most confident).")
 @click.option("--min-face-px", type=click.IntRange(min=0), default=0, show_default=True,
               help="Ignore faces smaller than this (pixels).")
+@click.option("--detector", type=click.Choice(["hog", "auto", "cnn"]), default="hog", show_default=True,
+              help="hog: dlib's HOG detector (fast, frontal faces). auto: HOG, then HOG on the photo turned 90/270 "
+                   "degrees, then dlib's CNN when nothing is found (slow on CPU for photos without a face). cnn: "
+                   "dlib's CNN only (more poses; seconds per photo on CPU).")
+@click.option("--coverage", type=click.Choice(["face", "face+ears+neck", "head"]), default="face", show_default=True,
+              help="How much of each head is replaced: the face oval; plus ears and neck; or the whole head with "
+                   "hair. More coverage hides more of the person and regenerates more pixels.")
+@click.option("--faces", "which_faces", default="all", show_default=True,
+              help="Which faces to anonymize: all, 'largest N', or face numbers counted left to right from 0 "
+                   "('0,2', '1-3').")
+@click.option("--threshold", type=float, default=0.0, show_default=True,
+              help="Detector score a face must reach (0 = dlib's default; lower finds more, higher only sure faces).")
 @click.option("--max-megapixels", type=click.FloatRange(min=0.001), default=64.0, show_default=True,
               help="Refuse (report) photos larger than this.")
 @click.option("--nonce", type=click.Choice(["random", "derived"]), default="random", show_default=True,
@@ -176,7 +188,8 @@ def _run_options(fn):
                    "hint from them. Off by default: the command line draws no hint, so restore never needs them.")
 @_run_options
 def anonymize(inputs, steps, scheduler, method, sampler, render_steps, prompt, negative, cfg, render_prompt,
-              render_cfg, scramble, crop_size, max_faces, min_face_px, max_megapixels, nonce, store_landmarks, **run):
+              render_cfg, scramble, crop_size, max_faces, min_face_px, detector, coverage, which_faces, threshold,
+              max_megapixels, nonce, store_landmarks, **run):
     """Anonymize every face in INPUTS (files, folders walked recursively, glob patterns such as 'shots/**/*.jpg').
 
     Each photo becomes OUT/<its path relative to the folder it was found in>.png (or a number with --flat-names):
@@ -192,7 +205,8 @@ def anonymize(inputs, steps, scheduler, method, sampler, render_steps, prompt, n
     settings = Settings(steps=steps, scheduler=scheduler, method=method, cfg=cfg, prompt=prompt, negative=negative,
                         sampler=sampler, render_steps=render_steps, render_cfg=render_cfg,
                         render_prompt=render_prompt, scramble=scramble, crop_size=crop_size, max_faces=max_faces,
-                        min_face_px=min_face_px, max_megapixels=max_megapixels, nonce=nonce,
+                        min_face_px=min_face_px, detector=detector, coverage=coverage, faces=which_faces,
+                        threshold=threshold, max_megapixels=max_megapixels, nonce=nonce,
                         store_landmarks=store_landmarks)
     sys.exit(_run_batch("anonymize", inputs, settings, **run))
 

@@ -56,6 +56,10 @@ class Settings:
     feather: float = 0.06
     max_faces: int = 16
     min_face_px: int = 0
+    detector: str = "hog"                   # hog (fast) | auto (+ 90/270 turns, then the CNN) | cnn
+    coverage: str = "face"                  # face | face+ears+neck | head
+    faces: str = "all"                      # all | largest N | face numbers as `keyface inspect`/the preview count
+    threshold: float = 0.0                  # detector score a face must reach (0 = dlib's default)
     max_megapixels: float = 64.0
     nonce: str = "random"
     store_landmarks: bool = False           # per-face 68 landmarks in the record (crop pixels; public)
@@ -150,20 +154,27 @@ class Faces:
 
 
 def find_faces(pixels: np.ndarray, settings: Settings) -> Faces:
-    found = face_core.detect_faces(pixels, min_face_px=settings.min_face_px)
+    """The core's detection, face choice, crop boxes and coverage masks, as Face Mask does them."""
+    found = face_core.detect_faces(pixels, detector=settings.detector, min_face_px=settings.min_face_px,
+                                   threshold=settings.threshold)
     if not found:
         raise NoFaceError("no face was found, so nothing was anonymized and nothing written (the photo is never "
-                          "copied un-anonymized).")
-    found = sorted(found, key=lambda d: -d.score)[:settings.max_faces]
-    found = sorted(found, key=lambda d: (d.box[0], d.box[1]))
+                          "copied un-anonymized)." + ("" if settings.detector != "hog" else
+                                                      " --detector auto also tries the photo turned and dlib's CNN."))
+    chosen = face_core.select_faces(found, settings.faces)
+    # max_faces keeps the most confident of the chosen faces; crops stay in detection order (left to right).
+    chosen = sorted(sorted(chosen, key=lambda i: -found[i].score)[:settings.max_faces])
+    if not chosen:
+        raise NoFaceError(f"--faces '{settings.faces}' chose none of the {len(found)} faces found, so nothing was "
+                          "anonymized and nothing written.")
     H, W = pixels.shape[:2]
     S = settings.crop_size
     boxes, masks, landmarks = [], [], []
-    for det in found:
-        box = mask_core.square_crop_box(det.box, (H, W), settings.context)
+    for det in (found[i] for i in chosen):
+        box = face_core.crop_box(det, (H, W), settings.context, settings.coverage)
         landmarks.append(((det.landmarks.astype(np.float64) - np.asarray(box[:2], np.float64))
                           * (S / float(box[2]))).astype(np.float32))
-        hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, S))
+        hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, S, coverage=settings.coverage))
         soft = mask_core.feather(hard, max(1.0, settings.feather * S))
         boxes.append(tuple(int(v) for v in box))
         masks.append(torch.round(soft.clamp(0, 1) * 255.0) / 255.0)

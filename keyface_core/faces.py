@@ -657,6 +657,21 @@ def coverage_bounds(landmarks: np.ndarray, coverage: str = "face") -> tuple:
     return (*pts.min(axis=0).tolist(), *pts.max(axis=0).tolist())
 
 
+def crop_box(detection: FaceDetection, image_hw, context: float = 2.0, coverage: str = "face") -> tuple:
+    """The square crop (x, y, size) a face is anonymized in: `context` x the face box, grown (never shrunk) to hold
+    the whole coverage mask. The nodes and the command line both call this, so their crops agree."""
+    from .masks import square_crop_box
+    if coverage == "face":
+        return square_crop_box(detection.box, image_hw, context)
+    bx0, by0, bx1, by1 = coverage_bounds(detection.landmarks, coverage)
+    x0, y0, x1, y1 = detection.box
+    ux0, uy0, ux1, uy1 = min(bx0, x0), min(by0, y0), max(bx1, x1), max(by1, y1)
+    # The mask's extent plus 15 % for the feathered edge, or the usual context around the face box.
+    side = max(context * max(x1 - x0, y1 - y0), 1.15 * max(ux1 - ux0, uy1 - uy0))
+    cx, cy = (ux0 + ux1) / 2, (uy0 + uy1) / 2
+    return square_crop_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), image_hw, 1.0)
+
+
 def face_mask(landmarks: np.ndarray, image_hw, forehead: float = 0.35, grow: float = 0.05,
               coverage: str = "face") -> np.ndarray:
     """Hard 0/1 float32 mask [H,W] of one face at a coverage level (clipped where it runs off the frame)."""
@@ -725,6 +740,6 @@ def preview(image_u8: np.ndarray, found: list, chosen: list[int]) -> np.ndarray:
     return np.asarray(img)
 
 
-__all__ = ["COVERAGES", "DETECTORS", "FaceDetection", "coverage_bounds", "coverage_polygons", "detect_faces",
+__all__ = ["COVERAGES", "DETECTORS", "FaceDetection", "coverage_bounds", "crop_box", "coverage_polygons", "detect_faces",
            "detection_scale", "face_descriptor", "face_mask", "face_mask_in_box", "identity_distance",
            "landmark_geometry_ok", "models_dir", "preview", "select_faces", "smallest_face"]

@@ -112,19 +112,6 @@ class Detection:
                                 .astype(np.float32) / 255.0)[None]
 
 
-def _crop_box(det, coverage: str, image_hw, context: float) -> tuple:
-    """Square crop box: `context` x the face box, grown (never shrunk) to hold the whole coverage mask."""
-    if coverage == "face":
-        return mask_core.square_crop_box(det.box, image_hw, context)
-    bx0, by0, bx1, by1 = face_core.coverage_bounds(det.landmarks, coverage)
-    x0, y0, x1, y1 = det.box
-    ux0, uy0, ux1, uy1 = min(bx0, x0), min(by0, y0), max(bx1, x1), max(by1, y1)
-    # The mask's extent plus 15 % for the feathered edge, or the usual context around the face box.
-    side = max(context * max(x1 - x0, y1 - y0), 1.15 * max(ux1 - ux0, uy1 - uy0))
-    cx, cy = (ux0 + ux1) / 2, (uy0 + uy1) / 2
-    return mask_core.square_crop_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), image_hw, 1.0)
-
-
 def find_faces(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, feather_frac: float = 0.06,
                max_faces: int = 16, min_face_px: int = 0, detector: str = "auto", coverage: str = "face",
                threshold: float = 0.0, which: str = "all") -> Detection:
@@ -151,7 +138,7 @@ def find_faces(image: torch.Tensor, crop_size: int = 512, context: float = 2.0, 
     regions, full = [], torch.zeros(H, W)
     for index, i in enumerate(chosen):
         det = found[i]
-        box = _crop_box(det, coverage, (H, W), context)
+        box = face_core.crop_box(det, (H, W), context, coverage)
         hard = torch.from_numpy(face_core.face_mask_in_box(det.landmarks, box, crop_size, coverage=coverage))
         soft = _quantize(mask_core.feather(hard, max(1.0, feather_frac * crop_size)))
         x, y, size = (int(v) for v in box)

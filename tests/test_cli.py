@@ -326,3 +326,29 @@ def test_paper_command_says_what_it_needs():
         assert run.returncode == 0
     except ImportError:
         assert run.returncode == 2 and "needs the diffusers backend" in run.stderr
+
+
+def test_choose_faces_and_coverage(work, tmp_path):
+    """--faces, --coverage and --detector reach the core's detection as Face Mask's controls do; a choice naming
+    a face that is not there is that photo's reported failure, with nothing written for it."""
+    photo = tmp_path / "in" / "two.jpg"
+    photo.parent.mkdir()
+    shutil.copy(faces_dir() / "two_people.jpg", photo)
+    runs = {}
+    for name, extra in {"all": [], "largest": ["--faces", "largest 1", "--coverage", "head", "--detector", "auto"],
+                        "missing": ["--faces", "5"]}.items():
+        out = tmp_path / name
+        run = keyface("anonymize", photo.parent, "--out", out, "--key", work / "archive.key", *FAST, *extra)
+        runs[name] = (run, json.loads((tmp_path / f"{name}.keyface-report.json").read_text())["images"][0])
+    assert runs["all"][0].returncode == 0 and runs["all"][1]["faces"] == 2
+    run, row = runs["largest"]
+    assert run.returncode == 0 and row["faces"] == 1, run.stderr
+    # The whole-head crop is larger than the face crop of the same face.
+    info_all = json.loads(keyface("inspect", tmp_path / "all" / "two.png", "--json", check=0).stdout)
+    info_one = json.loads(keyface("inspect", tmp_path / "largest" / "two.png", "--json", check=0).stdout)
+    one_size = info_one["faces"][0]["box"][2]
+    assert one_size > max(face["box"][2] for face in info_all["faces"])
+    run, row = runs["missing"]
+    assert run.returncode == 1 and row["status"] != "ok"
+    assert "names face(s) [5], but only 2 were found" in row["reason"]
+    assert not (tmp_path / "missing" / "two.png").exists()
