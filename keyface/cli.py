@@ -100,6 +100,9 @@ def _run_options(fn):
                      help="A diffusers folder, a Hugging Face repo id in the local cache, or a .safetensors/.ckpt "
                           "checkpoint. Restore needs exactly the same model (its fingerprint is checked). "
                           "dev:tiny runs a seeded random model (mechanics only)."),
+        click.option("--model-config", default=None, metavar="DIR|REPO",
+                     help="For a single .safetensors/.ckpt file: a diffusers folder or cached repo id of the same "
+                          "architecture holding its configs, tokenizers and scheduler (default: $KEYFACE_MODEL_CONFIG)."),
         click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
                      help="Output folder (created). Outputs mirror the input tree, always as .png."),
         click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -359,7 +362,7 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model, out, engine, address, workers, ray_cpus,
+def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model, model_config, out, engine, address, workers, ray_cpus,
                device, dtype, threads, report_path, flat_names, allow_no_face, progress, verbose) -> int:
     from . import batch, engines, store
 
@@ -387,7 +390,7 @@ def _run_batch(operation: str, inputs, settings, *, key_source, key_kind, model,
     removed = store.remove_stale(out) + store.remove_stale(report_path.parent, recursive=False)
     if removed:
         log.warning("removed %d unfinished temporary file(s) of an interrupted run", removed)
-    job = engines.Job(operation, str(out), settings, model, key_spec, device, dtype, threads)
+    job = engines.Job(operation, str(out), settings, model, key_spec, device, dtype, threads, model_config)
     report = batch.Report(report_path, operation, _public_settings(settings, job, engine), tasks, previous)
     todo = [t for t in tasks if not (out / t.rel).exists()]
     show = sys.stderr.isatty() if progress is None else progress

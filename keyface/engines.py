@@ -57,6 +57,7 @@ class Job:
     device: str = "auto"
     dtype: str = "float32"
     threads: int = 0                # torch intra-op threads (0: leave torch's default)
+    model_config: str | None = None  # configs for a single checkpoint file (a diffusers folder or repo id)
 
 
 def run_task(task: Task, job: Job, model, key) -> pipeline.ImageResult:
@@ -97,7 +98,7 @@ def setup_worker(job: Job):
     """(model, key) for a process; errors here stop the whole run (nothing could be processed)."""
     _set_threads(job.threads)
     key = job.key.load()
-    model = load_model(job.model, job.device, job.dtype)
+    model = load_model(job.model, job.device, job.dtype, job.model_config)
     return model, key
 
 

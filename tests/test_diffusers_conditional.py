@@ -268,7 +268,7 @@ def test_c82_single_file_without_its_configs(host, tmp_path, folders, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.delenv("KEYFACE_MODEL_CONFIG", raising=False)
     single = save_tiny_sd15_single_file(folders["sd15-eps"], tmp_path / "tiny-sd15.safetensors")
-    with pytest.raises(backend.BackendError, match="Pass one: KEYFACE_MODEL_CONFIG=<diffusers folder or cached "
+    with pytest.raises(backend.BackendError, match="Pass one: --model-config <diffusers folder or cached "
                                                    "repo id>"):
         _load(single)
     with pytest.raises(backend.BackendError, match="does not exist"):
@@ -388,3 +388,30 @@ def test_cli_with_a_prompt_restores_real_photos_exactly(tmp_path, folders):
     assert len(rows) == 2 and all(r["verified"] is True and r["max_abs_error"] == 0.0 for r in rows)
     run = keyface("restore", tmp_path / "anon", "--out", tmp_path / "other", *common, "--prompt", "a face")
     assert run.returncode != 0 and "prompt or cfg differs" in (run.stderr + run.stdout)
+
+
+def test_cli_single_file_with_model_config_restores_with_the_folder(host, tmp_path, folders):
+    """`keyface anonymize --model tiny.safetensors --model-config <folder>`: the single file's file restores with
+    the folder (same weights, same model id), verified exact; without a config it is refused with what to pass."""
+    single = save_tiny_sd15_single_file(folders["sd15-eps"], tmp_path / "tiny-sd15.safetensors")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(faces_dir() / "obama.jpg", photos / "obama.jpg")
+    env = {k: v for k, v in os.environ.items() if k != "KEYFACE_MODEL_CONFIG"}
+    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+
+    def keyface(*args):
+        return subprocess.run([sys.executable, "-m", "keyface", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=600)
+    assert keyface("keygen", tmp_path / "k.key").returncode == 0
+    fast = ["--key", tmp_path / "k.key", "--no-progress", "--crop-size", 64, "--steps", 3]
+    run = keyface("anonymize", photos, "--out", tmp_path / "anon", "--model", single,
+                  "--model-config", folders["sd15-eps"], *fast)
+    assert run.returncode == 0, run.stderr
+    run = keyface("restore", tmp_path / "anon", "--out", tmp_path / "restored", "--model", folders["sd15-eps"],
+                  "--key", tmp_path / "k.key", "--no-progress")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "restored.keyface-report.json").read_text())["images"]
+    assert rows and all(r["verified"] is True and r["max_abs_error"] == 0.0 for r in rows)
+    run = keyface("anonymize", photos, "--out", tmp_path / "noconfig", "--model", single, *fast)
+    assert run.returncode == 2 and "KEYFACE_MODEL_CONFIG" in run.stderr, run.stderr

@@ -136,8 +136,8 @@ def _from_single_file(path: Path, config: str | None, *, device: str, dtype: tor
         raise BackendError(
             f"diffusers could not build a {pipeline_name} from {path.name} ({type(err).__name__}). A single file "
             "holds only weights: its configs, tokenizers and scheduler come from a diffusers folder of the same "
-            "architecture. Pass one: KEYFACE_MODEL_CONFIG=<diffusers folder or cached repo id> (or config= in the "
-            "API), e.g. a local copy of stable-diffusion-v1-5/stable-diffusion-v1-5 for an SD1.5 file.") from None
+            "architecture. Pass one: --model-config <diffusers folder or cached repo id> (or KEYFACE_MODEL_CONFIG=…, "
+            "config= in the API), e.g. a local copy of stable-diffusion-v1-5/stable-diffusion-v1-5 for an SD1.5 file.") from None
     components = {name: value for name, value in pipe.components.items() if value is not None}
     scheduler = dict(pipe.scheduler.config)
     scheduler["_class_name"] = type(pipe.scheduler).__name__
