@@ -426,7 +426,7 @@ def _one_photo(source, out, settings, model, key, wrong_key, embedders, pipeline
         return [], PhotoRow(source.name, 0, "no_face", str(err))
     except KeyFaceError as err:
         return [], PhotoRow(source.name, 0, "failed", str(err))
-    original = pipeline.read_image(source, settings.max_megapixels)
+    original, _ = pipeline.read_image(source, settings.max_megapixels)
     faces = pipeline.find_faces(original, settings)            # the same detection anonymize used
     # The model's ceiling: the original with each face crop replaced by its VAE reconstruction, pasted with the
     # same soft masks as the restore (pipeline.clean_latents is the latent anonymize started from).
@@ -437,7 +437,7 @@ def _one_photo(source, out, settings, model, key, wrong_key, embedders, pipeline
     for box, crop, soft in zip(faces.boxes, recon.permute(0, 2, 3, 1), faces.masks):
         ideal = mask_core.paste_square(ideal, crop, box, soft)
     ideal = photo_core.to_u8(ideal)
-    images = {kind: pipeline.read_image(path, settings.max_megapixels)
+    images = {kind: pipeline.read_image(path, settings.max_megapixels)[0]
               for kind, path in (("anonymized", anon_path), ("restored", restored_path), ("wrong_key", wrong_path))}
     detections = face_core.detect_faces(original)
     rows = []
