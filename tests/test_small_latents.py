@@ -143,3 +143,26 @@ def test_nodes_restore_bit_for_bit_at_every_scale(kf, key_pair, eps_model, std):
         assert torch.equal(restored["samples"], latent["samples"])
         verdict = info["verification"]
         assert verdict.exact and verdict.differing == 0 and "bit for bit" in verdict.message()
+
+
+@pytest.fixture(scope="module")
+def comfy_denoiser(host):
+    from keyface_dev import comfy_backend
+    model = comfy_backend.load("dev:comfy-tiny")
+    model.set_conditioning("", "", 1.0)
+    yield model
+    model.close()
+
+
+@pytest.mark.parametrize("std", SCALES)
+def test_protocol_on_comfyui_denoiser_restores_bit_for_bit(comfy_denoiser, std):
+    """The reported setup: the `dev:comfy-tiny` backend (ComfyUI's own CFGGuider, float32 x0), 4 karras steps."""
+    m = comfy_denoiser
+    sigmas = m.sigmas(4, "karras")
+    for masked in (False, True):
+        clean, faces = _batch(std, masked)
+        keyed = protocol.lock(protocol.invert(m.denoise, clean, sigmas, faces, add_noise=m.add_noise), clean, faces, KEY)
+        restored = protocol.retrace(m.denoise, protocol.unlock(keyed, KEY), sigmas, faces, add_noise=m.add_noise)
+        assert torch.equal(restored.float(), clean.float())
+        assert float((restored - clean).abs().max()) <= 1e-14
+        assert protocol.verify(restored, keyed, KEY).differing == 0
