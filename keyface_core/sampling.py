@@ -233,8 +233,11 @@ def on_grid(x: torch.Tensor, grid: float, mask: Optional[torch.Tensor] = None) -
 
 
 def _snap(x: torch.Tensor, grid: Optional[float]) -> torch.Tensor:
-    # Exact: q is a power of two, so x / q and the product are exact; only round() changes the value.
-    return x if grid is None else torch.round(x / grid) * grid
+    # Exact: q is a power of two, so x / q and the product are exact; only round() changes the value. From
+    # 2^52 q up a float64 is a multiple of q already: kept as is (no overflow to inf for huge or forged values).
+    if grid is None:
+        return x
+    return torch.where(x.abs() < 2.0 ** 52 * grid, torch.round(x / grid) * grid, x)
 
 
 def _split_residual(residual: torch.Tensor, grid: float) -> tuple[torch.Tensor, torch.Tensor]:
