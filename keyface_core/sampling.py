@@ -12,9 +12,10 @@ Three methods:
   add_noise off) regenerates it. Single state; exact to the solver tolerance; many calls.
 * ``exact`` - BDIA with gamma = 1 (Zhang et al., "Exact diffusion inversion via bi-directional
   integration approximation", ECCV 2024): the leapfrog ``z_{i+1} = z_{i-1} + (s_{i+1} - s_{i-1}) d(z_i)``
-  is inverted algebraically, one call per step, states in float64. The noise carries a second
-  state, stored as its *residual* against an Euler step (zero for a fresh noise), so a sign flip of
-  (x, residual) stays an exact involution without model calls.
+  is inverted algebraically, one call per step, states in float64 on a power-of-two grid (see
+  ``leapfrog_grid``) so that each step is bit-reversible even when the model runs in float32. The noise
+  carries a second state, stored as its *residual* against an Euler step (zero for a fresh noise), so a
+  sign flip of (x, residual) stays an exact involution without model calls.
 
 Masked generation (``Background``): inside the binary mask the state evolves; outside it is held to
 ``add_noise(background_latent, public_noise, sigma)``, which the restorer recomputes from public
@@ -213,7 +214,7 @@ def _euler_from(model, background, x, s_from, s_to, grid: Optional[float] = None
 # back in the residual's sub-grid part (a quarter of it, so it cannot be confused with the grid part), and the
 # retrace adds it to the last state: the latent comes back to ~1e-16, not amplified.
 GRID_BITS = 40   # q = 2^(ceil(log2 max(1, sigma0)) - 40): 1.5e-11 for SD (sigma0 14.6), 9.1e-13 for flow (sigma0 1);
-                 # exact while states stay below 2^53 q (1.3e5 and 8.2e3); beyond it a sum rounds as plain float64
+                 # exact while states stay below 2^52 q (6.6e4 and 4.1e3); beyond it a sum rounds as plain float64
 _FINE = 4.0      # the correction rides in the residual divided by this (|c|/4 <= q/8: unambiguous next to the grid)
 
 
