@@ -46,7 +46,8 @@ def restore(denoise: sampling.Denoise, anon: V1Anonymized, sigmas: torch.Tensor,
     dtype = sampling.state_dtype(anon.method)
     background = make_background(faces, add_noise, dtype)
     noise = sampling.invert(denoise, sampling.LatentState(anon.state.to(dtype), anon.partner), sigmas.to(dtype),
-                            anon.method, background=background, progress=progress, stats=stats)
+                            anon.method, background=background, progress=progress, stats=stats,
+                            numerics="legacy")   # v1 files were made with plain float64 leapfrog steps
     shape = tuple(noise.x.shape[1:])
     masks = [torch.ones((1, *shape[1:])) if faces.mask is None else faces.mask[i] for i in range(faces.size)]
     x = torch.stack([scramble(item, m, k, face, "signflip")
@@ -62,4 +63,4 @@ def restore(denoise: sampling.Denoise, anon: V1Anonymized, sigmas: torch.Tensor,
                 else torch.zeros(shape, dtype=dtype)
                 for k, face, s, ok in zip(keys, faces.face_indices, anon.sealed, matches)])
     return sampling.regenerate(denoise, sampling.NoiseState(x, residual), sigmas.to(dtype), anon.method,
-                               background=background, progress=progress, stats=stats).x
+                               background=background, progress=progress, stats=stats, numerics="legacy").x

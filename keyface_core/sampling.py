@@ -12,9 +12,10 @@ Three methods:
   add_noise off) regenerates it. Single state; exact to the solver tolerance; many calls.
 * ``exact`` - BDIA with gamma = 1 (Zhang et al., "Exact diffusion inversion via bi-directional
   integration approximation", ECCV 2024): the leapfrog ``z_{i+1} = z_{i-1} + (s_{i+1} - s_{i-1}) d(z_i)``
-  is inverted algebraically, one call per step, states in float64. The noise carries a second
-  state, stored as its *residual* against an Euler step (zero for a fresh noise), so a sign flip of
-  (x, residual) stays an exact involution without model calls.
+  is inverted algebraically, one call per step, states in float64 on a power-of-two grid (see
+  ``leapfrog_grid``) so that each step is bit-reversible even when the model runs in float32. The noise
+  carries a second state, stored as its *residual* against an Euler step (zero for a fresh noise), so a
+  sign flip of (x, residual) stays an exact involution without model calls.
 
 Masked generation (``Background``): inside the binary mask the state evolves; outside it is held to
 ``add_noise(background_latent, public_noise, sigma)``, which the restorer recomputes from public
@@ -199,27 +200,83 @@ def invert_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, imp
 # Two-state leapfrog, BDIA gamma = 1 (exact)
 # ----------------------------------------------------------------------------------------------
 
-def _euler_from(model, background, x, s_from, s_to):
-    return _hold(background, x + _direction(model, x, s_from) * (s_to - s_from), s_to)
+def _euler_from(model, background, x, s_from, s_to, grid: Optional[float] = None):
+    return _hold(background, _snap(x + _direction(model, x, s_from) * (s_to - s_from), grid), s_to)
+
+
+# Grid arithmetic for the leapfrog (why: a float32 model sees float32(state), a step function of the float64
+# state. Plain float64 round trips leave ~1e-12 differences; where one moves float32(state) across a rounding
+# boundary the model answers differently and the leapfrog amplifies it: 1.5e-7 .. 1.6e-3 errors, most often for
+# small latents, whose float32 steps are finest). Every state but the last is kept on a grid of multiples of a
+# power of two q, where sums and differences are exact: the retrace meets the inversion's states bit for bit, so
+# the model sees the same inputs in both directions, whatever its dtype. The last state (sigma 0, the latent)
+# is z_{N-2} + step, off the grid; the inversion's rounding of z_{N-2} to the grid (at most q/2) is carried
+# back in the residual's sub-grid part (a quarter of it, so it cannot be confused with the grid part), and the
+# retrace adds it to the last state: the latent comes back to ~1e-16, not amplified.
+GRID_BITS = 40   # q = 2^(ceil(log2 max(1, sigma0)) - 40): 1.5e-11 for SD (sigma0 14.6), 9.1e-13 for flow (sigma0 1);
+                 # exact while states stay below 2^52 q (6.6e4 and 4.1e3); beyond it a sum rounds as plain float64
+_FINE = 4.0      # the correction rides in the residual divided by this (|c|/4 <= q/8: unambiguous next to the grid)
+
+
+def leapfrog_grid(sigmas: torch.Tensor) -> float:
+    """The grid step q of the exact leapfrog for a schedule: a power of two, from public data (sigmas[0]) only."""
+    top = max(1.0, float(sigmas[0]))
+    exponent = int(torch.ceil(torch.log2(torch.tensor(top, dtype=torch.float64))))
+    return 2.0 ** (exponent - GRID_BITS)
+
+
+def on_grid(x: torch.Tensor, grid: float, mask: Optional[torch.Tensor] = None) -> bool:
+    """Is every value (inside `mask`) a multiple of `grid` (a noise the grid inversion wrote), or not (older)?"""
+    x = x.to(torch.float64)
+    if mask is not None:
+        x = x[(mask.to(x.device) >= 0.5).expand(x.shape)]
+    return bool(torch.equal(_snap(x, grid), x))
+
+
+def _snap(x: torch.Tensor, grid: Optional[float]) -> torch.Tensor:
+    # Exact: q is a power of two, so x / q and the product are exact; only round() changes the value. From
+    # 2^52 q up a float64 is a multiple of q already: kept as is (no overflow to inf for huge or forged values).
+    if grid is None:
+        return x
+    return torch.where(x.abs() < 2.0 ** 52 * grid, torch.round(x / grid) * grid, x)
+
+
+def _split_residual(residual: torch.Tensor, grid: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid part, last-state correction) of a stored residual (both exact: Sterbenz, powers of two)."""
+    coarse = _snap(residual, grid)
+    return coarse, (residual - coarse) * _FINE
 
 
 def regenerate_leapfrog(denoise: Denoise, x: torch.Tensor, residual: Optional[torch.Tensor], sigmas: torch.Tensor, *,
                         background: Optional[Background] = None, progress: Optional[Progress] = None,
-                        stats: Optional[Stats] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (x at sigmas[0], residual) -> (latent at sigmas[-1], its partner at sigmas[-2]); N calls."""
+                        stats: Optional[Stats] = None, grid: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (x at sigmas[0], residual) -> (latent at sigmas[-1], its partner at sigmas[-2]); N calls.
+
+    `grid`: the step of `leapfrog_grid` (bit-reversible grid arithmetic), or None for the plain float64
+    arithmetic of files written before it."""
     stats = stats if stats is not None else Stats()
     model = _Counter(denoise, stats)
     sigmas = sigmas.to(x.device, x.dtype)
     total = len(sigmas) - 1
-    prev = _hold(background, x, sigmas[0])
-    cur = _euler_from(model, background, prev, sigmas[0], sigmas[1])
+    last = lambda i: grid if i < total else None   # grid for the states before the last one
+    fine = None
     if residual is not None:
-        cur = cur + _inside(background, residual.to(x.dtype))
+        residual = _inside(background, residual.to(x.dtype))
+        if grid is not None and total > 1:
+            residual, fine = _split_residual(residual, grid)
+    # Only values inside the mask are snapped: outside, both directions hold the same public trajectory.
+    prev = _hold(background, _snap(x, grid), sigmas[0])
+    cur = _euler_from(model, background, prev, sigmas[0], sigmas[1], last(1))
+    if residual is not None:
+        cur = cur + residual
     _report(progress, "regenerate", 1, total, stats)
     for i in range(1, total):
-        nxt = _hold(background, prev + _direction(model, cur, sigmas[i]) * (sigmas[i + 1] - sigmas[i - 1]), sigmas[i + 1])
+        step = _snap(_direction(model, cur, sigmas[i]) * (sigmas[i + 1] - sigmas[i - 1]), last(i + 1))
+        nxt = _hold(background, _snap(prev + step, last(i + 1)), sigmas[i + 1])
         prev, cur = cur, nxt
         _report(progress, "regenerate", i + 1, total, stats)
+    if fine is not None:
+        cur = cur + fine
     return cur, prev
 
 
@@ -246,24 +303,35 @@ def solve_partner(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, ba
 def invert_leapfrog(denoise: Denoise, x: torch.Tensor, partner: Optional[torch.Tensor], sigmas: torch.Tensor, *,
                     background: Optional[Background] = None, progress: Optional[Progress] = None,
                     stats: Optional[Stats] = None, partner_tol: float = 1e-4,
-                    partner_max_iter: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latent, partner or None) -> (noise x at sigmas[0], residual); exact inverse of `regenerate_leapfrog`."""
+                    partner_max_iter: int = 12, grid: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent, partner or None) -> (noise x at sigmas[0], residual); exact inverse of `regenerate_leapfrog`
+    with the same `grid` (bit for bit in every state but the last when `grid` is given)."""
     stats = stats if stats is not None else Stats()
     model = _Counter(denoise, stats)
     sigmas = sigmas.to(x.device, x.dtype)
     total = len(sigmas) - 1
+    last = lambda i: grid if i < total else None   # as in regenerate_leapfrog: by the index of the state made
     if partner is None:
         partner = solve_partner(denoise, x, sigmas, background=background, tol=partner_tol,
                                 max_iter=partner_max_iter, stats=stats)
-    cur = _hold(background, x, sigmas[-1])                      # z_N
-    prev = _hold(background, partner.to(x.dtype), sigmas[-2])   # z_{N-1}
+    cur = _hold(background, x, sigmas[-1])                                     # z_N
+    prev = _hold(background, _snap(partner.to(x.dtype), grid), sigmas[-2])     # z_{N-1}: any partner inverts
+    fine = None
     for step, i in enumerate(range(total - 1, 0, -1), start=1):
-        # z_{i-1} = z_{i+1} - (s_{i+1} - s_{i-1}) d(z_i): the leapfrog solved for its oldest state.
-        older = _hold(background, cur - _direction(model, prev, sigmas[i]) * (sigmas[i + 1] - sigmas[i - 1]), sigmas[i - 1])
+        # z_{i-1} = z_{i+1} - (s_{i+1} - s_{i-1}) d(z_i): the leapfrog solved for its oldest state. The forward
+        # step that made z_{i+1} rounded its increment to the grid unless z_{i+1} is the last state.
+        inc = _snap(_direction(model, prev, sigmas[i]) * (sigmas[i + 1] - sigmas[i - 1]), last(i + 1))
+        older = _hold(background, _snap(cur - inc, grid), sigmas[i - 1])
+        if grid is not None and i + 1 == total:
+            # What the retrace's last step will give before its correction, and the correction that makes it x.
+            fine = _inside(background, cur - _hold(background, older + inc, sigmas[i + 1]))
         cur, prev = prev, older
         _report(progress, "invert", step, total, stats)
-    # Now prev = z_0 (noise) and cur = z_1; store z_1 as its residual against an Euler step from z_0.
-    residual = _inside(background, cur - _euler_from(model, background, prev, sigmas[0], sigmas[1]))
+    # Now prev = z_0 (noise) and cur = z_1; store z_1 as its residual against an Euler step from z_0 (rounded
+    # to the grid as the retrace rounds it, so this part is a grid value and the retrace's sum exact).
+    residual = _inside(background, cur - _euler_from(model, background, prev, sigmas[0], sigmas[1], last(1)))
+    if fine is not None:
+        residual = residual + fine / _FINE
     _report(progress, "invert", total, total, stats)
     return prev, residual
 
@@ -293,26 +361,45 @@ def state_dtype(method: str) -> torch.dtype:
     return torch.float64 if method == "exact" else torch.float32
 
 
-def _invert_leapfrog(denoise, latent, sigmas, *, background, tol, max_iter, progress, stats):
+NUMERICS = ("grid", "legacy")   # the exact method's arithmetic: grid (since format v2.1) or plain float64 (older)
+
+
+def leapfrog_numerics(noise: torch.Tensor, sigmas: torch.Tensor, background: Optional[Background] = None) -> str:
+    """Which arithmetic made an exact-method noise: "grid" when every value is on `leapfrog_grid` (the grid
+    inversion writes only such values inside the mask, a key's pairswap/signflip keeps them there; outside
+    it the public background is held as before), else "legacy" (written
+    before the grid: a float64 noise value of ~15 is a multiple of 2^-36 with odds 2^-13, never all of them)."""
+    mask = None if background is None else background.mask
+    return "grid" if on_grid(noise, leapfrog_grid(sigmas), mask) else "legacy"
+
+
+def _grid_for(numerics: str, sigmas: torch.Tensor) -> Optional[float]:
+    if numerics not in NUMERICS:
+        raise ValueError(f"unknown leapfrog numerics {numerics!r}; choose one of {', '.join(NUMERICS)}")
+    return leapfrog_grid(sigmas) if numerics == "grid" else None
+
+
+def _invert_leapfrog(denoise, latent, sigmas, *, background, tol, max_iter, progress, stats, numerics):
     noise, residual = invert_leapfrog(denoise, latent.x, latent.partner, sigmas, background=background,
-                                      progress=progress, stats=stats)
+                                      progress=progress, stats=stats, grid=_grid_for(numerics or "grid", sigmas))
     return NoiseState(noise, residual)
 
 
-def _regenerate_leapfrog(denoise, noise, sigmas, *, background, progress, stats):
+def _regenerate_leapfrog(denoise, noise, sigmas, *, background, progress, stats, numerics):
+    numerics = numerics or leapfrog_numerics(noise.x, sigmas, background)
     out, partner = regenerate_leapfrog(denoise, noise.x, noise.residual, sigmas, background=background,
-                                       progress=progress, stats=stats)
+                                       progress=progress, stats=stats, grid=_grid_for(numerics, sigmas))
     return LatentState(out, partner)
 
 
 def _invert_single(implicit: bool):
-    def run(denoise, latent, sigmas, *, background, tol, max_iter, progress, stats):
+    def run(denoise, latent, sigmas, *, background, tol, max_iter, progress, stats, numerics):
         return NoiseState(invert_euler(denoise, latent.x, sigmas, implicit=implicit, background=background, tol=tol,
                                        max_iter=max_iter, progress=progress, stats=stats))
     return run
 
 
-def _regenerate_single(denoise, noise, sigmas, *, background, progress, stats):
+def _regenerate_single(denoise, noise, sigmas, *, background, progress, stats, numerics):
     return LatentState(regenerate_euler(denoise, noise.x, sigmas, background=background, progress=progress, stats=stats))
 
 
@@ -340,21 +427,28 @@ def _method(method: str) -> Method:
 
 def invert(denoise: Denoise, latent: LatentState, sigmas: torch.Tensor, method: str, *,
            background: Optional[Background] = None, tol: float = 1e-6, max_iter: int = 30,
-           progress: Optional[Progress] = None, stats: Optional[Stats] = None) -> NoiseState:
-    """Latent -> noise by `method` (see module doc); `progress` gets k-diffusion-style dicts for previews."""
+           progress: Optional[Progress] = None, stats: Optional[Stats] = None,
+           numerics: Optional[str] = None) -> NoiseState:
+    """Latent -> noise by `method` (see module doc); `progress` gets k-diffusion-style dicts for previews.
+
+    `numerics` (exact method only): "grid" (the default: bit-reversible) or "legacy" (format v1's restore, which
+    must invert with the arithmetic its file was made with)."""
     run = _method(method).invert
     dtype = state_dtype(method)
     partner = None if latent.partner is None else latent.partner.to(dtype)
     return run(denoise, LatentState(latent.x.to(dtype), partner), sigmas.to(dtype), background=background, tol=tol,
-               max_iter=max_iter, progress=progress, stats=stats)
+               max_iter=max_iter, progress=progress, stats=stats, numerics=numerics)
 
 
 def regenerate(denoise: Denoise, noise: NoiseState, sigmas: torch.Tensor, method: str, *,
                background: Optional[Background] = None, progress: Optional[Progress] = None,
-               stats: Optional[Stats] = None) -> LatentState:
-    """Noise -> latent by `method`; the exact inverse of `invert` with the same arguments."""
+               stats: Optional[Stats] = None, numerics: Optional[str] = None) -> LatentState:
+    """Noise -> latent by `method`; the exact inverse of `invert` with the same arguments.
+
+    `numerics` (exact method): None reads it from the noise (`leapfrog_numerics`), so files written before the
+    grid arithmetic retrace as they were made."""
     run = _method(method).regenerate
     dtype = state_dtype(method)
     residual = None if noise.residual is None else noise.residual.to(dtype)
     return run(denoise, NoiseState(noise.x.to(dtype), residual), sigmas.to(dtype), background=background,
-               progress=progress, stats=stats)
+               progress=progress, stats=stats, numerics=numerics)

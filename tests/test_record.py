@@ -69,7 +69,9 @@ def test_encoding_is_pinned():
     assert hashlib.sha256(zlib.decompress(payload)).hexdigest() == GOLDEN_RECORD_SHA256
 
 
-GOLDEN_RECORD_SHA256 = "120e984c596c0a46ebc7407296c18e84e1234ccca2e1691b8a94b201372ea00a"
+# Re-pinned for the leapfrog grid arithmetic (branch exact): the stored noise moved by < 1e-11; files
+# written before it still restore (tests/test_small_latents.py, fixture v2_legacy).
+GOLDEN_RECORD_SHA256 = "87652004970f5e6b3b0bb8be9399ab85bba549ac8e6dc39a13d7fb80b629ab2c"
 
 
 def test_the_file_never_holds_the_original_or_the_unscrambled_noise():
