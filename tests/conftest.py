@@ -19,6 +19,22 @@ def faces_dir() -> Path:
     return Path(os.environ.get("KEYFACE_FACES_DIR", REPO.parent / "shared" / "faces"))
 
 
+def keyface_cli(*args, env: dict | None = None, timeout: int = 600):
+    """`python -m keyface ARGS` as a user runs it (a subprocess from the repo root, offline), captured."""
+    import subprocess
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "keyface", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=REPO, timeout=timeout)
+
+
+def photo_folder(folder: Path, names) -> Path:
+    """A folder holding copies of these shared face photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(faces_dir() / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
     """(nodes module, workdir) of a booted ComfyUI; input/output folders and the keys folder are temporary."""

@@ -5,9 +5,6 @@ protocol and through the `keyface` command line on real face photos, schedule pa
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers backend's tests need diffusers (requirements-dev.txt)")
 
-from conftest import faces_dir  # noqa: E402
+from conftest import keyface_cli, photo_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -108,15 +105,8 @@ def test_cli_anonymizes_and_restores_real_photos_exactly(tmp_path):
     """`keyface anonymize/restore --model <diffusers folder>` as a subprocess on real faces: every face verified
     exact (max abs error 0), and a prompt for this unconditional model is refused with a clear reason."""
     folder = save_tiny_ldm(tmp_path / "tiny-ldm")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("obama.jpg", "biden.jpg"):
-        shutil.copy(faces_dir() / name, photos / name)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-
-    def keyface(*args):
-        return subprocess.run([sys.executable, "-m", "keyface", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=REPO, timeout=600)
+    photos = photo_folder(tmp_path / "photos", ("obama.jpg", "biden.jpg"))
+    keyface = keyface_cli
     assert keyface("keygen", tmp_path / "k.key").returncode == 0
     common = ["--key", tmp_path / "k.key", "--model", folder, "--no-progress"]
     run = keyface("anonymize", photos, "--out", tmp_path / "anon", *common, "--crop-size", 64, "--steps", 4)

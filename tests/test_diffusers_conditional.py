@@ -6,9 +6,7 @@ a repo id in a Hugging Face cache and from a single original-layout checkpoint f
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="the diffusers backend's tests need diffusers (requirements-dev.txt)")
 pytest.importorskip("transformers", reason="text-conditioned models need transformers (requirements-dev.txt)")
 
-from conftest import faces_dir  # noqa: E402
+from conftest import keyface_cli, photo_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -364,15 +362,8 @@ def test_c85_same_weights_in_the_other_host_are_told_apart(host, folders):
 def test_cli_with_a_prompt_restores_real_photos_exactly(tmp_path, folders):
     """`keyface anonymize/restore --model <tiny SD1.5 folder> --prompt --cfg` as a subprocess on two real photos:
     every face verified exact; restore with another prompt is refused."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("obama.jpg", "biden.jpg"):
-        shutil.copy(faces_dir() / name, photos / name)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-
-    def keyface(*args):
-        return subprocess.run([sys.executable, "-m", "keyface", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=REPO, timeout=600)
+    photos = photo_folder(tmp_path / "photos", ("obama.jpg", "biden.jpg"))
+    keyface = keyface_cli
     assert keyface("keygen", tmp_path / "k.key").returncode == 0
     common = ["--key", tmp_path / "k.key", "--model", folders["sd15-eps"], "--no-progress"]
     run = keyface("anonymize", photos, "--out", tmp_path / "anon", *common, "--crop-size", 64, "--steps", 3,
@@ -394,15 +385,10 @@ def test_cli_single_file_with_model_config_restores_with_the_folder(host, tmp_pa
     """`keyface anonymize --model tiny.safetensors --model-config <folder>`: the single file's file restores with
     the folder (same weights, same model id), verified exact; without a config it is refused with what to pass."""
     single = save_tiny_sd15_single_file(folders["sd15-eps"], tmp_path / "tiny-sd15.safetensors")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    shutil.copy(faces_dir() / "obama.jpg", photos / "obama.jpg")
-    env = {k: v for k, v in os.environ.items() if k != "KEYFACE_MODEL_CONFIG"}
-    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    photos = photo_folder(tmp_path / "photos", ("obama.jpg",))
 
-    def keyface(*args):
-        return subprocess.run([sys.executable, "-m", "keyface", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=REPO, timeout=600)
+    def keyface(*args):   # a single file's configs must come from --model-config here, not the environment
+        return keyface_cli(*args, env={"KEYFACE_MODEL_CONFIG": ""})
     assert keyface("keygen", tmp_path / "k.key").returncode == 0
     fast = ["--key", tmp_path / "k.key", "--no-progress", "--crop-size", 64, "--steps", 3]
     run = keyface("anonymize", photos, "--out", tmp_path / "anon", "--model", single,
