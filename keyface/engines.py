@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from keyface_core.errors import KeyFaceError, NoFaceError, WrongKeyError
+from keyface_core.errors import KeyFaceError, NoFaceError
 from keyface_core.keys import key_from_env, load_key_file
 
 from . import pipeline

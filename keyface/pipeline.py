@@ -25,7 +25,7 @@ from keyface_core import faces as face_core
 from keyface_core import masks as mask_core
 from keyface_core import images, photo, protocol
 from keyface_core import sampling
-from keyface_core.errors import ImageReadError, InputMismatchError, KeyFaceError, MetadataError, NoFaceError
+from keyface_core.errors import ImageReadError, InputMismatchError, MetadataError, NoFaceError
 
 from . import store
 from .models import latent_scale

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -17,7 +16,6 @@ from comfy_api.latest import io, ui
 
 from ..keyface_core import faces as face_core
 from ..keyface_core import masks as mask_core
-from ..keyface_core import metadata as meta
 from ..keyface_core import anonymized as anonymized_file
 from ..keyface_core import photo, pngio, protocol
 from ..keyface_core import sampling as core
