@@ -398,14 +398,20 @@ def close_first_run_dialog(page, wait_ms: int = 15_000) -> bool:
     return True
 
 
-def open_pack_templates(page, pack: str) -> dict:
+def open_pack_templates(page, pack: str, thumbnails: int = 0, timeout_ms: int = 60_000) -> dict:
     """Open Templates (the side bar button) and pick the pack; returns the dialog's text and its images (the
-    frontend fetches each thumbnail and shows it from a blob: URL, so the test matches them by the fetches)."""
+    frontend fetches each thumbnail and shows it from a blob: URL, so the test matches them by the fetches).
+    thumbnails: wait until that many images are in the dialog and loaded (a loaded machine is slow to fetch)."""
     page.locator('.side-tool-bar-container button[aria-label="Templates"]').click()
     dialog = page.locator(".p-dialog")
     dialog.wait_for(state="visible", timeout=30_000)
     dialog.get_by_text(pack, exact=True).first.click()
-    page.wait_for_timeout(1500)
+    if thumbnails:
+        page.wait_for_function("""(n) => { const d = document.querySelector('.p-dialog'); if (!d) return false;
+          const imgs = [...d.querySelectorAll('img')];
+          return imgs.length >= n && imgs.every(i => i.complete && i.naturalWidth > 0); }""",
+                               arg=thumbnails, timeout=timeout_ms)
+    page.wait_for_timeout(1500)   # let the response events of the fetches reach the test
     return page.evaluate("""() => { const d = document.querySelector('.p-dialog');
       return {text: d.innerText, images: [...d.querySelectorAll('img')].map(i => ({loaded: i.complete, width: i.naturalWidth,
               height: i.naturalHeight}))}; }""")

@@ -200,7 +200,7 @@ def test_templates_dialog_lists_the_pack_and_its_restore_template_runs(ui, anony
     assert set(listed.get(PACK, [])) == titles, listed
     mark = console.mark()
     seen = len(console.responses)
-    shown = frontend.open_pack_templates(page, PACK)
+    shown = frontend.open_pack_templates(page, PACK, thumbnails=len(titles))
     for title in titles:
         assert title in shown["text"]   # the file name is the card's title
     fetched = {urllib.parse.unquote(url.rsplit("/", 1)[1]): (status, kind) for status, url, kind in console.responses[seen:]
