@@ -172,8 +172,8 @@ def run_ray(tasks: list[Task], job: Job, on_result: Callable[[Task, pipeline.Ima
     started = time.perf_counter()
     owned = not ray.is_initialized()
     if owned:
-        # No address: always a new local cluster ("local"; stopped below), never one found lying around in /tmp/ray;
-        # "auto", host:port or ray://host:10001 joins an existing one.
+        # No address: always a new local cluster ("local"; stopped below), never one left running in Ray's temp
+        # folder; "auto", host:port or ray://host:10001 joins an existing one.
         ray.init(address=address or "local", num_cpus=local_cpus if address is None else None,
                  include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
